@@ -1,0 +1,104 @@
+"""Reading pretrained weights and writing/reading compressed checkpoints.
+
+Two formats load: the published ``pytorch_resnet_cifar10`` file (``{"state_dict": ...}`` with
+``module.`` prefixes) and this project's own checkpoint, which adds the pruning masks and
+what the weights were quantized with, so a later run can start from a pruned model and keep
+its zeros. ``https://`` sources go through ``torch.hub`` with its hash check (the file name
+carries the sha256 prefix, as ``resnet20-12fca82f.th`` does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "compress-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Weights of a plain model, plus masks (True = kept) and free-form metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("https://", "http://"))
+
+
+def source_id(source: str) -> str:
+    """Identity of a weights source for cache keys: the URL, or the sha256 of a local file."""
+    if is_url(source):
+        return source
+    return "sha256:" + hashlib.sha256(Path(source).expanduser().read_bytes()).hexdigest()
+
+
+def _read(source: str) -> Any:
+    if is_url(source):
+        return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True, weights_only=True)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained={source!r}: no such file (give a checkpoint path or an https URL)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise ValueError(f"model.pretrained={source!r} is not a readable checkpoint: {type(e).__name__}: {e}") from None
+
+
+def load_checkpoint(source: str) -> Checkpoint:
+    """Read a checkpoint from a local path or URL, in either supported format."""
+    obj = _read(source)
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise ValueError(f"model.pretrained={source!r} holds no 'state_dict': not a model checkpoint")
+    sd = {k.removeprefix("module."): v for k, v in obj["state_dict"].items()}
+    if obj.get("format") == FORMAT and obj.get("version") != VERSION:
+        raise ValueError(f"model.pretrained={source!r} is format version {obj.get('version')}, this code reads {VERSION}")
+    return Checkpoint(sd, dict(obj.get("masks", {})), dict(obj.get("meta", {})))
+
+
+def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str) -> None:
+    """Load ``ckpt`` into ``model`` strictly, with an error naming what does not match."""
+    result = model.load_state_dict(ckpt.state_dict, strict=False)
+    shapes = [
+        k for k, v in ckpt.state_dict.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape
+    ]
+    if result.missing_keys or result.unexpected_keys or shapes:
+        raise ValueError(
+            f"model.pretrained={source!r} does not match {type(model).__name__}: "
+            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}, wrong shape {shapes[:3]}"
+        )
+
+
+def save_checkpoint(path: Path, model: nn.Module, masks: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write a plain model's weights, masks and metadata atomically (temp file + rename)."""
+    obj = {
+        "format": FORMAT,
+        "version": VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "masks": {k: v.cpu() for k, v in masks.items()},
+        "meta": meta,
+    }
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temp file next to ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

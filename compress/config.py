@@ -1,0 +1,48 @@
+"""Checks of a composed config that must fail before any data or weights are loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+from compress.prune import check_sparsity
+from compress.quant import MODES, check_nbits
+
+PRUNE_METHODS = ("none", "oneshot", "iterative", "global")
+
+
+def _epochs(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} is not allowed: epochs must be an integer >= 0")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ``ValueError`` naming the first bad value in ``cfg`` and what is allowed."""
+    check_nbits(cfg.nbits)
+    if cfg.quant.mode not in ("none", *MODES):
+        raise ValueError(f"quant.mode={cfg.quant.mode!r} is not allowed: use one of none, {', '.join(MODES)}")
+    if cfg.prune.method not in PRUNE_METHODS:
+        raise ValueError(f"prune.method={cfg.prune.method!r} is not allowed: use one of {', '.join(PRUNE_METHODS)}")
+    _epochs("trainer.max_epochs", cfg.trainer.max_epochs)
+    if cfg.quant.mode != "none":
+        _epochs("quant.epochs", cfg.quant.epochs)
+    if cfg.prune.method != "none":
+        check_sparsity(cfg.prune.sparsity)
+        epochs = _epochs("prune.epochs", cfg.prune.epochs)
+        ramp = _epochs("prune.ramp_epochs", cfg.prune.ramp_epochs)
+        if ramp > epochs:
+            raise ValueError(
+                f"prune.ramp_epochs={ramp} is longer than prune.epochs={epochs}: the target sparsity "
+                "would never be reached (lower ramp_epochs or raise trainer.max_epochs)"
+            )
+        if cfg.prune.method != "oneshot" and ramp == 0:
+            raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={cfg.prune.method}: use prune=oneshot")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config: two runs with the same hash compute the same thing."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]

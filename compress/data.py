@@ -1,0 +1,199 @@
+"""CIFAR-10 held in memory as uint8 tensors, augmented a whole batch at a time.
+
+Per-image PIL transforms and worker processes would fight the model for a 2-core CPU, so the
+dataset is decoded once (``torchvision.datasets.CIFAR10``) into one ``uint8`` tensor; each
+batch is cropped (4-pixel zero padding), flipped and normalized with tensor ops on whatever
+device the data lives on (the GPU when ``data.device=cuda``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytorch_lightning as pl
+import torch
+from torchvision.datasets import CIFAR10
+
+# Normalization the published ResNet-20 checkpoint was trained with.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def check_root(root: Path) -> None:
+    """Raise ``FileNotFoundError`` unless ``root`` holds CIFAR-10 in torchvision's layout."""
+    batches = root / "cifar-10-batches-py"
+    needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in needed if not (batches / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data.root={str(root)!r} does not hold CIFAR-10 (missing {batches}/{missing[0]}): "
+            "point data.root or COMPRESS_DATA at a torchvision CIFAR10 root, or set data.download=true"
+        )
+
+
+def load_split(root: Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as ``uint8 [N, 3, 32, 32]`` and labels as ``int64 [N]``."""
+    ds = CIFAR10(str(root), train=train, download=download)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(ds.targets, dtype=torch.int64)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float, normalized with the checkpoint's mean/std, channels-last."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    out = (images.float() - mean) * inv_std
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` pixels, and random horizontal flip, per image.
+
+    The random draws come from a CPU ``generator`` whatever the images' device, so the
+    augmentation is the same on CPU and GPU for the same seed."""
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dev = images.device
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator).to(dev)
+    flip = torch.rand(n, 1, 1, 1, generator=generator).to(dev) < 0.5
+    rows = torch.arange(h, device=dev).view(1, 1, h, 1) + dy
+    cols = torch.arange(w, device=dev).view(1, 1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx
+    idx_n = torch.arange(n, device=dev).view(n, 1, 1, 1)
+    idx_c = torch.arange(c, device=dev).view(1, c, 1, 1)
+    return padded[idx_n, idx_c, rows, cols]
+
+
+class EpochSeed:
+    """Seeds epoch ``e``'s shuffle and augmentation with ``seed + e``.
+
+    Exposed as the loader's ``sampler``: Lightning calls ``set_epoch`` on it at the start of
+    every epoch (as for a ``DistributedSampler``), also after resuming from a checkpoint.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+
+class TensorBatches:
+    """Iterable of normalized ``(images, labels)`` batches over in-memory uint8 tensors.
+
+    Training batches are shuffled, cropped and flipped (seeded by :class:`EpochSeed`), and the
+    last partial batch is dropped; evaluation batches keep order and every image.
+    ``rank``/``world_size`` shard the data for DDP.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.train = batch_size, train
+        self.rank, self.world_size = rank, world_size
+        self.sampler = EpochSeed(seed)
+        self.batch_sampler = None  # Lightning reads it next to ``sampler``; batching is ours
+
+    def __len__(self) -> int:
+        n = len(self.labels[self.rank :: self.world_size])
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = self.sampler.generator()
+        n = len(self.labels)
+        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        order = order[self.rank :: self.world_size].to(self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.train:
+                x = augment(x, gen)
+            yield normalize(x), self.labels[idx]
+
+
+class CIFAR10Data(pl.LightningDataModule):
+    """CIFAR-10 with a seeded validation split carved out of the training set.
+
+    Args:
+        root: torchvision CIFAR-10 root (the config defaults it to ``$COMPRESS_DATA``).
+        download: fetch the dataset (with torchvision's md5 checks) if it is missing.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation and test.
+        val_size: images of the training set held out for validation (0: none).
+        seed: seeds the split and the shuffling.
+        device: where the dataset lives and is augmented (``cpu`` or ``cuda``).
+        train_subset: use only the first N training images (0: all); for smoke runs.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/cifar10",
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int = 200,
+        val_size: int = 5000,
+        seed: int = 0,
+        device: str = "cpu",
+        train_subset: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root, self.download = Path(root).expanduser(), download
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.seed, self.device, self.train_subset = val_size, seed, device, train_subset
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def check(self) -> None:
+        """Fail early, naming the root, if the data is not there and may not be downloaded."""
+        if not self.download:
+            check_root(self.root)
+
+    def prepare_data(self) -> None:
+        if self.download:
+            CIFAR10(str(self.root), train=True, download=True)
+            CIFAR10(str(self.root), train=False, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.check()
+        images, labels = load_split(self.root, train=True)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        if self.train_subset:
+            train_idx = train_idx[: self.train_subset]
+        test = load_split(self.root, train=False)
+        dev = torch.device(self.device)
+        self.splits = {
+            "train": (images[train_idx].to(dev), labels[train_idx].to(dev)),
+            "val": (images[val_idx].to(dev), labels[val_idx].to(dev)),
+            "test": (test[0].to(dev), test[1].to(dev)),
+        }
+
+    def _batches(self, split: str, train: bool) -> TensorBatches:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        images, labels = self.splits[split]
+        bs = self.batch_size if train else self.eval_batch_size
+        return TensorBatches(images, labels, bs, train, self.seed, rank, world)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches | list:
+        return self._batches("val", train=False) if self.val_size else []
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches("test", train=False)

@@ -1,0 +1,58 @@
+"""Which layers get compressed, and baking their parametrizations into plain weights.
+
+Pruning masks and fake quantization are both ``torch.nn.utils.parametrize`` parametrizations
+of ``module.weight``; when both are present the mask comes first, so the quantizer sees the
+masked tensor. :func:`bake` turns every parametrized weight back into a plain parameter
+holding the values the model computed with.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compress.models.resnet import BasicBlock
+
+P = TypeVar("P", bound=nn.Module)
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every convolution and linear layer, by qualified name (what pruning acts on)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def block_convs(model: nn.Module) -> dict[str, nn.Module]:
+    """Convolutions inside the residual blocks (``layerX.Y.convZ``): what quantization acts on.
+    The stem convolution and the classifier stay full precision, as in the seed report."""
+    blocks = {n for n, m in model.named_modules() if isinstance(m, BasicBlock)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] in blocks}
+
+
+def network(pl_module: nn.Module) -> nn.Module:
+    """The network a callback acts on: ``pl_module.model`` when the LightningModule wraps one
+    there (as :class:`compress.module.Classifier` does), else the module itself. Layer names
+    are relative to it, so masks match the plain model's ``state_dict`` names."""
+    inner = getattr(pl_module, "model", None)
+    return inner if isinstance(inner, nn.Module) else pl_module
+
+
+def weight_parametrization(module: nn.Module, kind: type[P]) -> P | None:
+    """The parametrization of type ``kind`` on ``module.weight``, if any."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, kind)), None)
+
+
+def with_parametrization(model: nn.Module, kind: type[P]) -> dict[str, P]:
+    """Every ``kind`` parametrization in ``model``, by the qualified name of its module."""
+    found = {n: weight_parametrization(m, kind) for n, m in model.named_modules()}
+    return {n: p for n, p in found.items() if p is not None}
+
+
+def bake(model: nn.Module) -> None:
+    """Replace every parametrized weight by a plain parameter holding its current value."""
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)

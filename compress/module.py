@@ -1,0 +1,88 @@
+"""The LightningModule: a cross-entropy classifier trained with SGD."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEDULES = ("cosine", "constant")
+
+
+class Classifier(pl.LightningModule):
+    """Wraps a plain ``nn.Module`` classifier; logs ``{train,val,test}/{loss,acc}``.
+
+    Args:
+        model: the network (a plain ResNet; compression callbacks parametrize it in place).
+        lr: peak learning rate of SGD.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty (applied by SGD to every parameter).
+        nesterov: Nesterov momentum.
+        schedule: ``cosine`` (per step, from ``lr`` to 0 over the fit, after warm-up) or ``constant``.
+        warmup_epochs: linear warm-up from 0 to ``lr`` over this many epochs (may be fractional).
+        label_smoothing: cross-entropy label smoothing for training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = False,
+        schedule: str = "cosine",
+        warmup_epochs: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={schedule!r} is not allowed: use one of {', '.join(SCHEDULES)}")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str, smoothing: float = 0.0) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log_dict({f"{split}/loss": loss, f"{split}/acc": acc}, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train", self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                "lower optim.lr or check the input data"
+            )
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        opt = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_epochs * total / max(1, self.trainer.max_epochs))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if hp.schedule == "constant":
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

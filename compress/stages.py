@@ -1,0 +1,186 @@
+"""A run is a short list of stages, each one Lightning fit with its compression callbacks.
+
+``prune`` (magnitude pruning + fine-tuning), then ``quant`` (fake quantization + fine-tuning,
+masks kept); a run with neither is one plain ``finetune`` stage. Each stage tests the model
+once its compression is installed ("before" fine-tuning) and, when it trains, once more on
+the baked plain model ("after"), so the reported number is the saved model's.
+
+The pruning stage is cached under a key of everything it depends on, so a sweep over
+``nbits`` (or Table 3.1 then Table 3.4) trains it once: a file lock makes parallel jobs
+wait for the one computing it, and the entry appears by an atomic rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
+from compress.layers import bake
+from compress.module import Classifier
+from compress.prune import PruningCallback, current_masks
+from compress.quant import QuantizationCallback
+
+log = logging.getLogger(__name__)
+
+CallbackFactory = Callable[[dict[str, torch.Tensor]], list[pl.Callback]]
+
+
+@dataclass
+class Stage:
+    """One fine-tuning stage: its name, length, and the compression callbacks it installs
+    (built from the masks the previous stage left)."""
+
+    name: str
+    epochs: int
+    callbacks: CallbackFactory
+    cache_key: str | None = None
+
+
+@dataclass
+class StageResult:
+    """Test metrics before and after a stage's fine-tuning, with its per-epoch history."""
+
+    name: str
+    epochs: int
+    before: dict[str, float]
+    after: dict[str, float] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+    cached: bool = False
+    cache_key: str | None = None
+
+
+class History(pl.Callback):
+    """Records the epoch-level logged metrics (train/val loss and accuracy, learning rate)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        row = {"epoch": trainer.current_epoch + 1, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        self.rows.append(row)
+
+
+def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out_dir: Path) -> pl.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` for a stage of ``epochs`` epochs."""
+    return instantiate(cfg.trainer, max_epochs=epochs, callbacks=callbacks, default_root_dir=str(out_dir))
+
+
+def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataModule) -> dict[str, float]:
+    """Test-set accuracy and loss."""
+    (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    # Logged as float32 means; 6 decimals keep the exact count-based accuracy of 10k images.
+    return {"acc": round(res["test/acc"], 6), "loss": round(res["test/loss"], 6)}
+
+
+def run_stage(
+    stage: Stage, cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule, out_dir: Path
+) -> tuple[StageResult, dict[str, torch.Tensor]]:
+    """Fine-tune ``model`` in place with the stage's callbacks; bake it; return the result and its masks."""
+    t0 = time.time()
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
+    module = Classifier(model, **cfg.optim)
+    history = History()
+    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), history], out_dir)
+    before = test(trainer, module, datamodule)
+    if stage.epochs > 0:
+        trainer.fit(module, datamodule=datamodule)
+    masks = current_masks(model)
+    bake(model)
+    after = test(make_trainer(cfg, 0, [], out_dir), module, datamodule) if stage.epochs > 0 else None
+    result = StageResult(stage.name, stage.epochs, before, after, history.rows, time.time() - t0, cache_key=stage.cache_key)
+    return result, masks
+
+
+def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
+    """The stages ``cfg`` asks for, in order."""
+    prune, quant = cfg.prune, cfg.quant
+    stages = []
+    if prune.method != "none":
+        stages.append(Stage(
+            "prune",
+            prune.epochs,
+            lambda m: [PruningCallback(prune.sparsity, prune.scope, prune.ramp_epochs, masks=m)],
+            cache_key=stage_key(cfg, pretrained_id),
+        ))
+    keep = lambda m: [PruningCallback(0.0, masks=m)] if m else []  # noqa: E731 - keeps a loaded model's zeros
+    if quant.mode != "none":
+        stages.append(Stage("quant", quant.epochs, lambda m: [*keep(m), QuantizationCallback(quant.mode, cfg.nbits)]))
+    if not stages:
+        stages.append(Stage("finetune", cfg.trainer.max_epochs, keep))
+    return stages
+
+
+def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
+    """Hash of everything the pruning stage's result depends on."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": data, "trainer": c["trainer"],
+            "optim": c["optim"], "prune": c["prune"], "seed": c["seed"], "version": 1}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StageCache:
+    """Finished stages on disk: ``<root>/<key>/{model.pt,result.json}``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def run(
+        self, stage: Stage, compute: Callable[[], tuple[StageResult, dict[str, torch.Tensor]]], model: nn.Module
+    ) -> tuple[StageResult, dict[str, torch.Tensor]]:
+        """Load ``stage`` from the cache into ``model``, or ``compute`` it and store it."""
+        entry = self.root / stage.cache_key
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{stage.cache_key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (entry / "result.json").is_file():
+                return self._load(entry, model)
+            result, masks = compute()
+            tmp = self.root / f".{stage.cache_key}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_checkpoint(tmp / "model.pt", model, masks, {"stage": stage.name})
+            (tmp / "result.json").write_text(json.dumps(asdict(result), indent=1))
+            tmp.rename(entry)
+            log.info("stage %s stored in %s", stage.name, entry)
+            return result, masks
+
+    @staticmethod
+    def _load(entry: Path, model: nn.Module) -> tuple[StageResult, dict[str, torch.Tensor]]:
+        ckpt: Checkpoint = load_checkpoint(str(entry / "model.pt"))
+        apply_checkpoint(model, ckpt, str(entry / "model.pt"))
+        result = StageResult(**json.loads((entry / "result.json").read_text()))
+        result.cached = True
+        log.info("stage %s reused from %s", result.name, entry)
+        return result, ckpt.masks
+
+
+def run_stages(
+    cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule,
+    out_dir: Path, pretrained_id: str,
+) -> tuple[list[StageResult], dict[str, torch.Tensor]]:
+    """Run (or reuse) every stage of ``plan(cfg)`` on ``model``; returns results and final masks."""
+    results = []
+    for stage in plan(cfg, pretrained_id):
+        compute = lambda s=stage, m=masks: run_stage(s, cfg, model, m, datamodule, out_dir)  # noqa: E731
+        if stage.cache_key:
+            result, masks = StageCache(cfg.stage_cache).run(stage, compute, model)
+        else:
+            result, masks = compute()
+        results.append(result)
+    return results, masks

@@ -1,0 +1,30 @@
+"""What a (baked, plain) compressed model verifiably is: sparsity and distinct values per layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.layers import block_convs, prunable_layers
+
+
+def sparsity(model: nn.Module) -> dict[str, Any]:
+    """Fraction of exactly-zero weights per conv/linear layer and over all of them."""
+    layers = {n: m.weight.detach() for n, m in prunable_layers(model).items()}
+    zeros = {n: int((w == 0).sum()) for n, w in layers.items()}
+    total = sum(w.numel() for w in layers.values())
+    return {
+        "overall": sum(zeros.values()) / total,
+        "layers": {n: zeros[n] / w.numel() for n, w in layers.items()},
+    }
+
+
+def distinct_values(model: nn.Module) -> dict[str, int]:
+    """Number of distinct nonzero weight values in each residual-block convolution."""
+    out = {}
+    for name, m in block_convs(model).items():
+        w = m.weight.detach()
+        out[name] = int(torch.unique(w[w != 0]).numel())
+    return out

@@ -1,0 +1,105 @@
+"""Hydra entry point: ``python -m compress.train prune=global quant=asym nbits=4``.
+
+Loads the pretrained model, runs the stages the config asks for (see ``compress.stages``),
+saves the final plain model with its masks (``model.pt``) and writes ``metrics.json`` last,
+atomically: a run dir without it is unfinished. A run whose ``metrics.json`` already holds the
+same config hash is skipped (``resume=true``), so a re-launched sweep only does what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from compress.checkpoint import apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
+from compress.config import config_hash, validate
+from compress.stages import run_stages
+from compress.stats import distinct_values, sparsity
+
+log = logging.getLogger("compress")
+
+# What a user's mistake raises: reported as one line and a non-zero exit, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def finished(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a complete metrics file for the config with hash ``digest``."""
+    try:
+        return json.loads(path.read_text()).get("config_hash") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
+    """Run one configured job into ``out_dir``; returns its metrics (None if skipped)."""
+    t0 = time.time()
+    validate(cfg)
+    digest, metrics_path = config_hash(cfg), out_dir / "metrics.json"
+    if cfg.resume and finished(metrics_path, digest):
+        log.info("already finished, skipping: %s", metrics_path)
+        return None
+    datamodule = instantiate(cfg.data)
+    datamodule.check()
+    ckpt = load_checkpoint(cfg.model.pretrained)
+    model = instantiate(cfg.model.net)
+    apply_checkpoint(model, ckpt, cfg.model.pretrained)
+    torch.set_float32_matmul_precision("high")
+
+    results, masks = run_stages(cfg, model, ckpt.masks, datamodule, out_dir, source_id(cfg.model.pretrained))
+    final = results[-1]
+    quantized = cfg.quant.mode != "none"
+    distinct = distinct_values(model) if quantized else {}
+    meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits} if quantized else None,
+            "config": OmegaConf.to_yaml(cfg, resolve=True)}
+    save_checkpoint(out_dir / "model.pt", model, masks, meta)
+
+    metrics = {
+        "config_hash": digest,
+        "choices": {"prune": cfg.prune.method, "quant": cfg.quant.mode, "nbits": cfg.nbits if quantized else None,
+                    "name": cfg.name, "seed": cfg.seed},
+        "before_ft": final.before,
+        "after_ft": final.after,
+        "test_acc": (final.after or final.before)["acc"],
+        "test_loss": (final.after or final.before)["loss"],
+        "sparsity": sparsity(model) if masks else None,
+        "quantized_tensors": len(distinct),
+        "max_distinct_values": max(distinct.values(), default=None),
+        "distinct_values": distinct,
+        "stages": [vars(r) for r in results],
+        "wall_time_s": time.time() - t0,
+        "hardware": {"device": cfg.data.device, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+                     "threads": torch.get_num_threads()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    log.info("test acc %.4f (before fine-tuning %.4f) -> %s", metrics["test_acc"], final.before["acc"], metrics_path)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Hydra task: run one job, turning a user error into one line and exit status 2."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="pytorch_lightning.utilities._pytree")
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except USER_ERRORS as e:
+        log.debug("failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
