@@ -115,17 +115,21 @@ class QuantizationCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.install(network(pl_module))
 
-    def install(self, model: nn.Module) -> None:
-        """Parametrize the block convolutions of ``model`` (no-op if already done)."""
-        if with_parametrization(model, FakeQuant):
-            return
+    def check(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers this callback would quantize; ``ValueError`` if there are none."""
         layers = block_convs(model)
         if not layers:
             raise ValueError(
                 f"quant={self.mode} found nothing to quantize: {type(model).__name__} has no "
                 "convolutions inside residual blocks"
             )
-        for m in layers.values():
+        return layers
+
+    def install(self, model: nn.Module) -> None:
+        """Parametrize the block convolutions of ``model`` (no-op if already done)."""
+        if with_parametrization(model, FakeQuant):
+            return
+        for m in self.check(model).values():
             parametrize.register_parametrization(m, "weight", FakeQuant(self.mode, self.nbits))
 
     @staticmethod

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -65,10 +66,17 @@ class StageResult:
 
 
 class History(pl.Callback):
-    """Records the epoch-level logged metrics (train/val loss and accuracy, learning rate)."""
+    """Records the epoch-level logged metrics (train/val loss and accuracy, learning rate);
+    its rows travel in Lightning checkpoints, so a resumed stage keeps the earlier epochs."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         row = {"epoch": trainer.current_epoch + 1, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
@@ -78,7 +86,10 @@ class History(pl.Callback):
 
 def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out_dir: Path) -> pl.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` for a stage of ``epochs`` epochs."""
-    return instantiate(cfg.trainer, max_epochs=epochs, callbacks=callbacks, default_root_dir=str(out_dir))
+    return instantiate(
+        cfg.trainer, max_epochs=epochs, callbacks=callbacks, default_root_dir=str(out_dir),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )
 
 
 def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataModule) -> dict[str, float]:
@@ -91,15 +102,25 @@ def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataMo
 def run_stage(
     stage: Stage, cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule, out_dir: Path
 ) -> tuple[StageResult, dict[str, torch.Tensor]]:
-    """Fine-tune ``model`` in place with the stage's callbacks; bake it; return the result and its masks."""
+    """Fine-tune ``model`` in place with the stage's callbacks; bake it; return the result and its masks.
+
+    Every epoch ends with ``<out_dir>/checkpoints/<stage>/last.ckpt``; a stage that finds one
+    (the run was killed) resumes from it. It is deleted once the stage is done.
+    """
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = Classifier(model, **cfg.optim)
     history = History()
-    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), history], out_dir)
+    ckpt_dir = out_dir / "checkpoints" / stage.name
+    saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, enable_version_counter=False)
+    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), history, saver], out_dir)
     before = test(trainer, module, datamodule)
     if stage.epochs > 0:
-        trainer.fit(module, datamodule=datamodule)
+        last = ckpt_dir / "last.ckpt"
+        if last.is_file():
+            log.info("stage %s resumes from %s", stage.name, last)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     masks = current_masks(model)
     bake(model)
     after = test(make_trainer(cfg, 0, [], out_dir), module, datamodule) if stage.epochs > 0 else None

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compress.checkpoint import apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
 from compress.config import config_hash, validate
+from compress.quant import QuantizationCallback
 from compress.stages import run_stages
 from compress.stats import distinct_values, sparsity
 
@@ -50,16 +51,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     if cfg.resume and finished(metrics_path, digest):
         log.info("already finished, skipping: %s", metrics_path)
         return None
-    datamodule = instantiate(cfg.data)
-    datamodule.check()
     ckpt = load_checkpoint(cfg.model.pretrained)
     model = instantiate(cfg.model.net)
     apply_checkpoint(model, ckpt, cfg.model.pretrained)
+    quantized = cfg.quant.mode != "none"
+    if quantized:
+        QuantizationCallback(cfg.quant.mode, cfg.nbits).check(model)
+    datamodule = instantiate(cfg.data)
+    datamodule.check()
     torch.set_float32_matmul_precision("high")
 
     results, masks = run_stages(cfg, model, ckpt.masks, datamodule, out_dir, source_id(cfg.model.pretrained))
     final = results[-1]
-    quantized = cfg.quant.mode != "none"
     distinct = distinct_values(model) if quantized else {}
     meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits} if quantized else None,
             "config": OmegaConf.to_yaml(cfg, resolve=True)}

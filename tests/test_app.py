@@ -1,0 +1,150 @@
+"""The Hydra app: every config group combination composes and validates; bad input fails early
+with a message naming the bad value, a non-zero exit and no metrics.json."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from compress.config import config_hash, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PRUNE = ("none", "oneshot", "iterative", "global")
+QUANT = ("none", "sym", "asym")
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+BUDGETS = sorted(p.stem for p in (CONF / "budget").glob("*.yaml"))
+
+
+@pytest.fixture
+def hydra_compose() -> Iterator:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides=(), **kw: compose("config", overrides=list(overrides), **kw)
+
+
+def check(cfg: DictConfig) -> None:
+    validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved["prune"]["method"] in PRUNE and resolved["quant"]["mode"] in QUANT
+    assert len(config_hash(cfg)) == 16
+
+
+def test_config_groups_found() -> None:
+    assert {"table3_1", "table3_2", "table3_3", "table3_4"} <= set(EXPERIMENTS)
+    assert {"full", "smoke"} <= set(BUDGETS)
+    assert {p.stem for p in (CONF / "prune").glob("*.yaml")} == set(PRUNE)
+    assert {p.stem for p in (CONF / "quant").glob("*.yaml")} == set(QUANT)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_every_prune_quant_combination_validates(hydra_compose, budget: str) -> None:
+    hashes = set()
+    for prune, quant in itertools.product(PRUNE, QUANT):
+        cfg = hydra_compose([f"prune={prune}", f"quant={quant}", f"budget={budget}"])
+        check(cfg)
+        assert cfg.prune.method == prune and cfg.quant.mode == quant
+        hashes.add(config_hash(cfg))
+    assert len(hashes) == len(PRUNE) * len(QUANT)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_job_validates(hydra_compose, experiment: str, budget: str) -> None:
+    """Compose each job of the experiment's sweep (its sweeper params expanded) and validate it."""
+    base = [f"experiment={experiment}", f"budget={budget}"]
+    hcfg = hydra_compose(base, return_hydra_config=True)
+    params = OmegaConf.to_container(hcfg.hydra.sweeper.params) or {}
+    assert params, f"{experiment} sweeps nothing"
+    axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
+    jobs = list(itertools.product(*axes))
+    for job in jobs:
+        cfg = hydra_compose([*base, *job])
+        check(cfg)
+        assert cfg.name == experiment
+    assert len({config_hash(hydra_compose([*base, *job])) for job in jobs}) == len(jobs)
+
+
+def test_budgets_differ(hydra_compose) -> None:
+    full, smoke = hydra_compose(["budget=full"]), hydra_compose(["budget=smoke"])
+    assert full.trainer.max_epochs == 20 and full.ramp_epochs == 10
+    assert smoke.trainer.max_epochs < full.trainer.max_epochs
+    assert config_hash(full) != config_hash(smoke)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["nbits=9"], "nbits"),
+        (["nbits=1"], "nbits"),
+        (["prune=global", "prune.sparsity=1.5"], "prune.sparsity"),
+        (["prune=iterative", "ramp_epochs=0"], "ramp_epochs"),
+        (["prune=iterative", "trainer.max_epochs=3"], "ramp_epochs"),
+        (["trainer.max_epochs=-1"], "trainer.max_epochs"),
+    ],
+)
+def test_validate_rejects_composed(hydra_compose, overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        validate(hydra_compose(overrides))
+
+
+# --- the app itself, in a subprocess ------------------------------------------------------
+
+
+def assert_failed(proc, *needles: str) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in output:\n{out}"
+    assert not (proc.run_dir / "metrics.json").exists()
+    assert not (proc.run_dir / "model.pt").exists()
+    return out
+
+
+def test_bad_nbits(run_app) -> None:
+    proc = run_app("quant=asym", "nbits=9")
+    assert_failed(proc, "nbits", "2..8")
+    assert "nbits" in proc.stderr and "2..8" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a user error is one line, not a traceback
+
+
+@pytest.mark.parametrize("group, options", [("quant", ("none", "sym", "asym")), ("prune", PRUNE)])
+def test_unknown_group_option(run_app, group: str, options: tuple[str, ...]) -> None:
+    proc = run_app(f"{group}=foo")
+    out = assert_failed(proc, f"{group}/foo", *options)
+    assert f"Available options in '{group}'" in out
+
+
+def test_bad_sparsity(run_app) -> None:
+    proc = run_app("prune=global", "prune.sparsity=1.5")
+    assert_failed(proc, "prune.sparsity", "1.5")
+
+
+def test_missing_data_root(run_app, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_app(f"data.root={empty}")
+    assert_failed(proc, "data.root", str(empty))
+
+
+def fake_cifar_root(root: Path) -> Path:
+    """Files with CIFAR-10's names: enough for the early data check, which runs before the
+    weights are read (``compress.train.run``: validate, data check, checkpoint load)."""
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (batches / name).write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("content", [b"this is not a checkpoint \x00\x01\x02" * 10, None])
+def test_bad_pretrained(run_app, tmp_path: Path, content: bytes | None) -> None:
+    root = fake_cifar_root(tmp_path / "data")
+    weights = tmp_path / "garbage.th"
+    if content is not None:
+        weights.write_bytes(content)
+    proc = run_app(f"data.root={root}", f"model.pretrained={weights}")
+    assert_failed(proc, "model.pretrained", str(weights))
