@@ -132,7 +132,7 @@ def cosine(total: int) -> Callable[[int], float]:
 def train_plain(args: argparse.Namespace, splits: dict) -> float:
     """(a) Seconds for ``args.steps`` steps of a hand-written loop, after ``args.warmup`` steps."""
     device, total = args.device, args.warmup + args.steps
-    model = resnet20().to(device, memory_format=torch.channels_last)
+    model = resnet20().to(device)  # as Classifier gets it: parameters contiguous, inputs channels_last
     if args.compile:
         model.compile()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -240,8 +240,7 @@ def main() -> None:
         "(b) compress (Lightning)": lambda: train_lightning(args, splits, compressed=False),
         "(c) compress + prune 80% + asym q4": lambda: train_lightning(args, splits, compressed=True),
     }
-    plain_model = resnet20().to(args.device, memory_format=torch.channels_last)
-    q_model = resnet20().to(args.device, memory_format=torch.channels_last)
+    plain_model, q_model = resnet20().to(args.device), resnet20().to(args.device)
     evals = {
         "plain torch.inference_mode": lambda: eval_plain(args, splits, plain_model),
         "compress trainer.test": lambda: eval_lightning(args, splits, plain_model, compressed=False),

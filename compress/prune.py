@@ -7,7 +7,8 @@ method must prune before the first evaluation). So the mask here is a
 ``torch.nn.utils.parametrize`` parametrization (:class:`Mask`): the effective weight is
 ``original * mask``, exactly zero where pruned whatever the optimizer (momentum, weight
 decay) does to ``original``. Masks are the same as ``torch.nn.utils.prune.l1_unstructured``
-(layer scope) and ``global_unstructured`` (global scope) compute, ties aside.
+(layer scope) and ``global_unstructured`` (global scope) compute for the same number of
+weights (:func:`prune_count`, rounded up so each layer reaches the target), ties aside.
 
 The schedule is *cumulative*: after ``e`` of the first ``ramp_epochs`` epochs the target is
 ``sparsity * e / ramp_epochs`` of all weights (not of the survivors), so ten steps reach 80%
@@ -17,6 +18,7 @@ at 8% a step; already pruned weights stay pruned. ``ramp_epochs=0`` prunes once,
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Mapping
 
 import pytorch_lightning as pl
@@ -36,9 +38,16 @@ def check_sparsity(sparsity: object) -> float:
     return float(sparsity)
 
 
+def prune_count(sparsity: float, numel: int) -> int:
+    """Weights to remove so that at least ``sparsity`` of ``numel`` are zero: ``ceil``, so every
+    layer really reaches the target (``torch.nn.utils.prune`` rounds a fractional amount to
+    nearest; given this count as an int amount it computes the same mask)."""
+    return math.ceil(round(sparsity * numel, 6))
+
+
 def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean mask that drops the ``round(sparsity * numel)`` smallest entries of ``scores``."""
-    k = round(sparsity * scores.numel())
+    """Boolean mask that drops the ``prune_count`` smallest entries of ``scores``."""
+    k = prune_count(sparsity, scores.numel())
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
         keep[torch.topk(scores.flatten(), k, largest=False).indices] = False

@@ -9,7 +9,7 @@ The quantizers follow the seed report's semantics:
 
 Weights that are exactly zero stay exactly zero, so pruned weights stay pruned. The backward
 pass is the straight-through estimator: the gradient w.r.t. the latent weight is the identity
-(zero for weights that are exactly zero).
+(pruned weights get no gradient from the pruning mask that comes before the quantizer).
 
 The fake quantization is a ``torch.nn.utils.parametrize`` parametrization, so the model stays
 a plain ``ResNet`` whose ``conv.weight`` reads as the quantized tensor while the optimizer

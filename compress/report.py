@@ -56,6 +56,8 @@ TABLES: dict[str, tuple[str, str, list[tuple[Any, str]], list[tuple[str, str]]]]
 for method in METHODS:
     SEED["4"][method]["pts"] = round((SEED["3.1"][method]["acc"] - SEED["3.1"]["baseline"]["acc"]) * 100, 2)
 UNITS = {"loss": "absolute", "rel_pct": "percent"}  # of a diff; "points" otherwise
+# Types of the optional metrics.json fields the report reads (checked so a hand-edited file cannot crash it).
+OPTIONAL = {"config": dict, "hardware": dict, "size": dict, "sparsity": dict, "stages": list, "wall_time_s": (int, float)}
 
 
 class Job(NamedTuple):
@@ -103,6 +105,13 @@ def dig(d: Any, path: tuple[str, ...]) -> float | None:
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
 
 
+def dig_dict(d: Any, *path: str) -> dict[str, float]:
+    """The numeric entries of the dict at ``path`` in nested dicts ({} if there is none)."""
+    for k in path:
+        d = d.get(k) if isinstance(d, dict) else None
+    return {k: v for k, v in d.items() if dig(v, ()) is not None} if isinstance(d, dict) else {}
+
+
 def job_of_metrics(m: Any) -> Job:
     """The Job of a metrics.json; raises ValueError/KeyError/TypeError when it is not a valid one."""
     if not isinstance(m, dict):
@@ -110,8 +119,15 @@ def job_of_metrics(m: Any) -> Job:
     c = m["choices"]
     if c["prune"] not in ("none", *METHODS) or c["quant"] not in ("none", "sym", "asym"):
         raise ValueError(f"unknown choices {c}")
+    if c["quant"] != "none" and not isinstance(c["nbits"], int):
+        raise ValueError(f"quant={c['quant']} without an integer nbits")
     if dig(m, ("before_ft", "acc")) is None or (m["after_ft"] is not None and dig(m, ("after_ft", "acc")) is None):
         raise ValueError("no before_ft/after_ft accuracy")
+    for k, t in OPTIONAL.items():
+        if m.get(k) is not None and not isinstance(m[k], t):
+            raise TypeError(f"{k} has the wrong type")
+    if not all(isinstance(s, dict) and isinstance(s.get("history") or [], list) for s in m.get("stages") or []):
+        raise TypeError("stages must be objects with a history list")
     budget = str((m.get("config") or {}).get("budget_name", "?"))
     return Job(budget, c["prune"], c["quant"], c.get("nbits"), m["after_ft"] is not None)
 
@@ -150,7 +166,7 @@ def find_runs(dirs: list[Path]) -> tuple[Path, list[tuple[str, dict, Job]], list
             try:
                 m = json.loads((here / "metrics.json").read_text())
                 runs.append((rel, m, job_of_metrics(m)))
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 why = f"unreadable or invalid metrics.json ({type(e).__name__}: {e})"
                 missing.append((rel, why, job_of_config(here / ".hydra" / "config.yaml")))
     return common, runs, missing
@@ -194,6 +210,9 @@ def compare(cell: Cell | None, seed: float | None, col: str) -> tuple[float | No
 def table_md(budget: str, tid: str, cells: dict[Key, Cell], csv_rows: list[list[Any]]) -> list[str]:
     """Markdown lines of one table for one budget (and its CSV rows appended to ``csv_rows``)."""
     title, head, rows, cols = TABLES[tid]
+    if head == "Nbits":  # the seed's bit widths and any other our runs have
+        bits = {r for r, _ in rows} | {k[2] for k in cells if k[:2] == (budget, tid)}
+        rows = [(n, str(n)) for n in sorted(bits, reverse=True)]
     lines = [f"### {title} — budget `{budget}`", "",
              "| " + " | ".join([head, *(f"{name} {w}" for _, name in cols for w in ("ours", "seed", "Δ")), "runs"]) + " |",
              "|" + "---|" * (2 + 3 * len(cols))]
@@ -206,14 +225,14 @@ def table_md(budget: str, tid: str, cells: dict[Key, Cell], csv_rows: list[list[
         for (col, _), cell in zip(cols, row_cells):
             seed = seed_row.get(col)
             ours, d = compare(cell, seed, col)
-            n = len(cell.values) if cell else 0
+            n, runs = (len(cell.values), cell.runs) if cell else (0, [])
             if ours is not None:
                 text = fmt(ours, col) + (f" (n={n})" if n > 1 else "")
-            else:  # no run could fill a cell without a seed number and without a key: not applicable
+            else:  # a cell no run maps to and the seed leaves empty does not apply (e.g. the baseline's sparsity)
                 text = "missing" if cell or seed is not None else "—"
             parts += [text, fmt(seed, col), "—" if d is None else f"{d:+.4f}" if col == "loss" else f"{d:+.2f}"]
-            row_runs += [r for r in (cell.runs if cell else []) if r not in row_runs]
-            csv_rows.append([budget, tid, row, col, ours, n, seed, d, UNITS.get(col, "points"), ";".join(cell.runs if cell else [])])
+            row_runs += [r for r in runs if r not in row_runs]
+            csv_rows.append([budget, tid, row, col, ours, n, seed, d, UNITS.get(col, "points"), ";".join(runs)])
         lines.append("| " + " | ".join(parts + [", ".join(f"`{r}`" for r in row_runs) or "—"]) + " |")
     return lines + [""]
 
@@ -231,10 +250,10 @@ def fig_nbits(Figure: type, budget: str, cells: dict[Key, Cell]) -> tuple[Any, s
     series = [("3.2", "asym", "asym, no FT"), ("3.2", "sym", "sym, no FT"), ("3.3", "acc_after", "asym + FT"),
               ("3.4", "acc_before", "global-pruned + asym, before FT"), ("3.4", "acc_after", "global-pruned + asym, after FT")]
     for i, (tid, col, name) in enumerate(series):
-        ours = [(n, mean(c.values)) for n in NBITS if (c := cells.get((budget, tid, n, col))) and c.values]
+        ours = sorted((k[2], mean(c.values)) for k, c in cells.items() if k[:2] == (budget, tid) and k[3] == col and c.values)
         if ours:
             ax.plot(*zip(*ours), "o-", color=f"C{i}", label=name)
-            ax.plot(*zip(*[(n, SEED[tid][n][col]) for n in NBITS if n in SEED[tid]]), "x--", color=f"C{i}", alpha=0.5)
+            ax.plot(*zip(*[(n, SEED[tid][n][col]) for n in sorted(SEED[tid])]), "x--", color=f"C{i}", alpha=0.5)
             drawn.append(name)
     if not drawn:
         return None
@@ -243,8 +262,9 @@ def fig_nbits(Figure: type, budget: str, cells: dict[Key, Cell]) -> tuple[Any, s
         ax.axhline(mean(base.values), color="k", ls=":", label="FP baseline (ours)")
         drawn.append("dotted line: our FP baseline")
     ax.plot([], [], "x--", color="gray", label="seed report (dashed)")
-    ax.set(xlabel="nbits (bit width of the quantized block convs)", ylabel="test accuracy", xticks=NBITS, ylim=(0, 1),
+    ax.set(xlabel="nbits (bit width of the quantized block convs)", ylabel="test accuracy", ylim=(0, 1),
            title=f"Accuracy vs bit width ({budget})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return fig, (f"Test accuracy vs nbits, budget `{budget}`: {'; '.join(drawn)}. Solid: ours; dashed, same colour: "
@@ -255,8 +275,9 @@ def fig_sparsity(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) -
     """(b) Per-layer sparsity of the Table 3.1 pruned models, grouped bars per layer (mean over a method's runs)."""
     by_method: dict[str, list[dict[str, float]]] = defaultdict(list)
     for _, m, job in runs:
-        if job.budget == budget and job.prune in METHODS and job.quant == "none" and isinstance(m.get("sparsity"), dict):
-            by_method[job.prune].append(m["sparsity"]["layers"])
+        layers = dig_dict(m, "sparsity", "layers")
+        if job.budget == budget and job.prune in METHODS and job.quant == "none" and layers:
+            by_method[job.prune].append(layers)
     if not by_method:
         return None
     methods = [k for k in METHODS if k in by_method]
@@ -281,10 +302,10 @@ def fig_history(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) ->
         xs, ys, done = [], [], 0
         for stage in m.get("stages") or []:
             for h in stage.get("history") or []:
-                if isinstance(h.get("val/acc"), (int, float)):
-                    xs.append(done + h["epoch"])
-                    ys.append(h["val/acc"])
-            done += stage.get("epochs") or 0
+                if (y := dig(h, ("val/acc",))) is not None and (x := dig(h, ("epoch",))) is not None:
+                    xs.append(done + x)
+                    ys.append(y)
+            done += dig(stage, ("epochs",)) or 0
         if job.budget == budget and xs:
             curves.append((label(job), rel, xs, ys))
     if not curves:
@@ -296,6 +317,7 @@ def fig_history(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) ->
                 label=name if names.count(name) == 1 else rel)
     ax.set(xlabel="epoch (counted across stages: pruning, then quantization)", ylabel="validation accuracy",
            title=f"Validation accuracy during fine-tuning ({budget})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig, (f"Validation accuracy after every training epoch (pruning ramp and fine-tuning, then quantization-aware "
@@ -339,7 +361,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
           f"- Runs: {len(runs)} complete, {len(missing)} missing or incomplete."]
     for b in budgets:
         epochs = sorted({dig(m, ("config", "trainer", "max_epochs")) for _, m, j in runs if j.budget == b} - {None})
-        md.append(f"- Budget `{b}`: {sum(j.budget == b for *_, j in runs)} runs, "
+        md.append(f"- Budget `{b}`: complete runs {sum(j.budget == b for *_, j in runs)}, "
                   f"trainer.max_epochs {', '.join(str(int(e)) for e in epochs) or '?'} (epochs per fine-tuning stage).")
     md += [f"- Hardware: {h} ({n} runs)" for h, n in hardware.items()]
     md += [f"- Total wall time: {wall:.0f} s ({wall / 60:.1f} min) summed over the runs "
@@ -359,7 +381,8 @@ def write_report(dirs: list[Path], out: Path) -> Path:
                 md += table_md(b, tid, cells, csv_rows)
 
     md += ["## Missing or incomplete runs", ""]
-    md += [f"- `{rel}`: {why}" + (f" (would be {label(j)}, budget `{j.budget}`)" if j else "") for rel, why, j in missing] or ["None."]
+    md += [f"- `{rel}`: {why}" + (f" (would be {label(j)}, budget `{j.budget}`)" if j else "")
+           for rel, why, j in missing] or ["None."]
 
     size_keys = ("fp32_bytes", "compressed_bytes", "ratio", "bits_per_weight")
     sized = any(isinstance(m.get("size"), dict) for _, m, _ in runs)

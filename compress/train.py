@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m compress.train prune=global quant=asym nbits=4``.
 
 Loads the pretrained model, runs the stages the config asks for (see ``compress.stages``),
-saves the final plain model with its masks (``model.pt``) and writes ``metrics.json`` last,
+saves the final plain model with its masks (``model.pt``) and its packed artifact
+(``model.cpk``, see ``compress.export``), and writes ``metrics.json`` last,
 atomically: a run dir without it is unfinished. A run whose ``metrics.json`` already holds the
 same config hash is skipped (``resume=true``), so a re-launched sweep only does what is missing.
 """
@@ -23,8 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from compress.checkpoint import apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
+from compress.checkpoint import Checkpoint, apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
 from compress.config import config_hash, validate
+from compress.export import save as save_artifact
 from compress.quant import QuantizationCallback
 from compress.stages import run_stages
 from compress.stats import distinct_values, sparsity
@@ -67,6 +69,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits} if quantized else None,
             "config": OmegaConf.to_yaml(cfg, resolve=True)}
     save_checkpoint(out_dir / "model.pt", model, masks, meta)
+    size = save_artifact(Checkpoint(model.state_dict(), masks, meta), out_dir / "model.cpk", cfg.export_fp_dtype)
 
     metrics = {
         "config_hash": digest,
@@ -80,6 +83,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         "quantized_tensors": len(distinct),
         "max_distinct_values": max(distinct.values(), default=None),
         "distinct_values": distinct,
+        **{k: size[k] for k in ("fp32_bytes", "compressed_bytes", "ratio", "bits_per_weight")},
+        "size": size,
         "stages": [vars(r) for r in results],
         "wall_time_s": time.time() - t0,
         "hardware": {"device": cfg.data.device, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -15,9 +15,19 @@ import torch
 from compress.models import resnet20
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 
 RunApp = Callable[..., subprocess.CompletedProcess]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread() -> Iterator[None]:
+    """Run in-process torch on one thread. The tests use small tensors, and on a small shared
+    CPU OpenMP's spinning barriers make two threads up to 100x slower than one whenever
+    another process is busy. Subprocesses (the app) keep their own default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _env_path(var: str, what: str) -> Path:
@@ -55,6 +65,19 @@ def block_names() -> set[str]:
     return {f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range(3) for c in (1, 2)}
 
 
+def app_command(overrides: Sequence[str], base: Path, run_dir: Path | None = None,
+                env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str], Path]:
+    """Command line, environment and run dir of ``python -m compress.train *overrides`` with
+    its run dir and stage cache under ``base`` (a path without brackets or ``=``, which Hydra's
+    override grammar would misread)."""
+    run_dir = run_dir or base / "run"
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "compress.train", *overrides, f"hydra.run.dir={run_dir}",
+           f"stage_cache={base / 'cache'}"]
+    return cmd, full_env, run_dir
+
+
 @pytest.fixture
 def run_app(tmp_path_factory: pytest.TempPathFactory) -> RunApp:
     """``run_app(*overrides, run_dir=None, env=None, timeout=600)`` runs
@@ -64,16 +87,42 @@ def run_app(tmp_path_factory: pytest.TempPathFactory) -> RunApp:
 
     def run(*overrides: str, run_dir: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
-        # mktemp gives names without the brackets of parametrized test ids, which Hydra's
-        # override grammar would read as a list.
-        base = tmp_path_factory.mktemp("app")
-        run_dir = run_dir or base / "run"
-        full_env = {**os.environ, **(env or {})}
-        full_env.pop("HYDRA_FULL_ERROR", None)
-        cmd = [sys.executable, "-m", "compress.train", *overrides, f"hydra.run.dir={run_dir}",
-               f"stage_cache={base / 'cache'}"]
+        cmd, full_env, run_dir = app_command(overrides, tmp_path_factory.mktemp("app"), run_dir, env)
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
         proc.run_dir = run_dir  # type: ignore[attr-defined]
         return proc
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_apps(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, subprocess.CompletedProcess]]:
+    """``run_apps({key: [overrides...]}, env=None)`` runs several app invocations concurrently
+    (each as ``run_app`` would) and returns their ``CompletedProcess`` by key."""
+
+    def run(jobs: dict[str, Sequence[str]], env: dict[str, str] | None = None,
+            timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
+        started = {}
+        for key, overrides in jobs.items():
+            base = tmp_path_factory.mktemp("app")
+            cmd, full_env, run_dir = app_command(overrides, base, env=env)
+            # output to files, not pipes: no process stalls on a full pipe while another is read
+            with open(base / "stdout.txt", "w") as out, open(base / "stderr.txt", "w") as err:
+                popen = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=err)
+            started[key] = (cmd, popen, base, run_dir)
+        done = {}
+        try:
+            for key, (cmd, popen, base, run_dir) in started.items():
+                popen.wait(timeout=timeout)
+                proc = subprocess.CompletedProcess(cmd, popen.returncode, (base / "stdout.txt").read_text(),
+                                                   (base / "stderr.txt").read_text())
+                proc.run_dir = run_dir  # type: ignore[attr-defined]
+                done[key] = proc
+        finally:
+            for _, popen, _, _ in started.values():
+                if popen.poll() is None:
+                    popen.kill()
+                    popen.wait()
+        return done
 
     return run

@@ -67,6 +67,8 @@ def sweep(tmp_path: Path) -> Path:
     put(root, "full/nbits=2,prune=global,quant=asym", metrics("global", "asym", 2, before=0.1, after=0.35,
                                                               size={"ratio": 12.5, "bits_per_weight": 2.56}))
     put(root, "full/prune=oneshot,quant=sym", metrics("oneshot", "sym", 4, before=0.7, after=0.8))  # in no table
+    put(root, "full/nbits=8,quant=sym", metrics(quant="sym", nbits=8, before=0.91))  # a bit width the seed lacks
+    put(root, "full/wrong", json.dumps({"choices": {"prune": "none"}, "before_ft": {"acc": 0.9}}))  # valid JSON, no quant
     put(root, "smoke/prune=none", metrics(before=0.92, after=0.5, budget="smoke"))
     return root
 
@@ -81,9 +83,11 @@ def test_tables(sweep: Path, tmp_path: Path) -> None:
     md = md_path.read_text()
     assert md_path == tmp_path / "out" / "report.md"
     # Table 3.1: baseline = before_ft, control = its after_ft, pruned rows = after_ft (+ before FT, sparsity).
-    assert "| FP baseline (pretrained) | 0.9200 | 0.9151 | +0.49 | 0.3000 | 0.3231 | -0.0231 | — | — | — | — | — | — |" in md
+    assert ("| FP baseline (pretrained) | 0.9200 | 0.9151 | +0.49 | 0.3000 | 0.3231 | -0.0231 "
+            "| — | — | — | — | — | — |") in md
     assert "| FP fine-tuned, no pruning (control) | 0.9250 | — | — | 0.5000 | — | — |" in md
-    assert "| One-shot pruning + FT | 0.8800 | 0.8794 | +0.06 | 0.5000 | 0.3664 | +0.1336 | 0.5000 | — | — | 0.8000 | 0.8000 | +0.00 |" in md
+    assert ("| One-shot pruning + FT | 0.8800 | 0.8794 | +0.06 | 0.5000 | 0.3664 | +0.1336 "
+            "| 0.5000 | — | — | 0.8000 | 0.8000 | +0.00 |") in md
     assert "| Iterative pruning + FT | missing | 0.8769 | — | missing | 0.3750 | — |" in md
     # Table 3.2: a corrupt run's cell is missing; two seeds in one cell give their mean and count.
     assert "| 5 | missing | 0.9113 | — | missing | 0.9071 | — |" in md
@@ -95,13 +99,16 @@ def test_tables(sweep: Path, tmp_path: Path) -> None:
     assert "| Global iterative | -3.00 | -3.10 | +0.10 | -3.26 | -3.40 | +0.14 |" in md
     # Traceability: each row names its run dirs; the run list shows the size fields.
     assert "`full/nbits=4,quant=asym`, `full/nbits=4,quant=sym,seed=0`, `full/nbits=4,quant=sym,seed=1` |" in md
-    assert "| `full/nbits=2,prune=global,quant=asym` | full | global | asym | 2 | prune 2 | 3.4 | 0.3500 | 10 | — | — | 12.5 | 2.56 |" in md
+    assert ("| `full/nbits=2,prune=global,quant=asym` | full | global | asym | 2 | prune 2 | 3.4 | 0.3500 | 10 "
+            "| — | — | 12.5 | 2.56 |") in md
     assert "| `full/prune=oneshot,quant=sym` | full | oneshot | sym | 4 | prune 2 | none |" in md
     # Missing runs are listed with why, and what they would have been.
     missing = md.split("## Missing or incomplete runs")[1].split("## Runs")[0]
     assert "`full/prune=iterative`: unfinished: .hydra/ but no metrics.json (would be iterative, budget `full`)" in missing
     assert "`full/nbits=5,quant=asym`: unreadable or invalid metrics.json (JSONDecodeError" in missing
-    assert "Runs: 10 complete, 2 missing or incomplete." in md
+    assert "`full/wrong`: unreadable or invalid metrics.json (KeyError: 'quant')\n" in missing
+    assert "Runs: 11 complete, 3 missing or incomplete." in md
+    assert "| 8 | — | — | — | 0.9100 | — | — | `full/nbits=8,quant=sym` |\n| 6 | missing | 0.9144 |" in md
     # Budgets are separate tables.
     assert "| FP fine-tuned, no pruning (control) | 0.5000 | — | — |" in md.split("## Budget `smoke`")[1]
     assert md.index("## Budget `full`") < md.index("## Budget `smoke`")
@@ -114,7 +121,8 @@ def test_tables(sweep: Path, tmp_path: Path) -> None:
     assert c["full", "3.2", "5", "asym"]["ours"] == "" and c["full", "3.2", "5", "asym"]["runs"] == "full/nbits=5,quant=asym"
     assert c["full", "3.1", "iterative", "acc"]["n"] == "0" and c["full", "3.1", "iterative", "acc"]["seed"] == "0.8769"
     assert (c["full", "3.4", "2", "acc_after"]["ours"], c["full", "3.4", "2", "acc_after"]["diff"]) == ("0.35", "1.52")
-    assert (c["full", "4", "oneshot", "rel_pct"]["seed"], c["full", "4", "oneshot", "rel_pct"]["diff_unit"]) == ("-3.9", "percent")
+    rel = c["full", "4", "oneshot", "rel_pct"]
+    assert (rel["seed"], rel["diff"], rel["diff_unit"]) == ("-3.9", "-0.447826", "percent")
     assert c["full", "size", "full/nbits=2,prune=global,quant=asym", "ratio"]["ours"] == "12.5"
     assert c["smoke", "3.1", "control", "acc"]["ours"] == "0.5"
 
