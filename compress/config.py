@@ -42,7 +42,11 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={cfg.prune.method}: use prune=oneshot")
 
 
+# Settings that change where things are kept or whether a run is redone, not what it computes.
+NOT_HASHED = ("stage_cache", "resume")
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved config: two runs with the same hash compute the same thing."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_HASHED}
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]

@@ -134,7 +134,8 @@ class CIFAR10Data(pl.LightningDataModule):
         eval_batch_size: batch size for validation and test.
         val_size: images of the training set held out for validation (0: none).
         seed: seeds the split and the shuffling.
-        device: where the dataset lives and is augmented (``cpu`` or ``cuda``).
+        device: where the dataset lives and is augmented: ``auto`` (the attached trainer's
+            device, so ``trainer=gpu`` keeps the data on the GPU), ``cpu`` or ``cuda``.
         train_subset: use only the first N training images (0: all); for smoke runs.
     """
 
@@ -146,7 +147,7 @@ class CIFAR10Data(pl.LightningDataModule):
         eval_batch_size: int = 200,
         val_size: int = 5000,
         seed: int = 0,
-        device: str = "cpu",
+        device: str = "auto",
         train_subset: int = 0,
     ) -> None:
         super().__init__()
@@ -175,7 +176,8 @@ class CIFAR10Data(pl.LightningDataModule):
         if self.train_subset:
             train_idx = train_idx[: self.train_subset]
         test = load_split(self.root, train=False)
-        dev = torch.device(self.device)
+        dev = self.trainer.strategy.root_device if self.device == "auto" and self.trainer else torch.device(
+            "cpu" if self.device == "auto" else self.device)
         self.splits = {
             "train": (images[train_idx].to(dev), labels[train_idx].to(dev)),
             "val": (images[val_idx].to(dev), labels[val_idx].to(dev)),

@@ -341,8 +341,16 @@ def figures(budget: str, cells: dict[Key, Cell], runs: list[tuple[str, dict, Job
     return made
 
 
-def write_report(dirs: list[Path], out: Path) -> Path:
-    """Write ``report.md``, ``report.csv`` and figures for the runs under ``dirs`` into ``out``; returns report.md."""
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def write_report(dirs: list[Path], out: Path, notes: list[str] = ()) -> Path:
+    """Write ``report.md``, ``report.csv`` and figures for the runs under ``dirs`` into ``out``; returns report.md.
+
+    ``notes`` are extra markdown lines for the header (e.g. the command that made the runs)."""
     common, runs, missing = find_runs([Path(d) for d in dirs])
     runs.sort(key=lambda r: r[0])
     cells = gather(runs, missing)
@@ -355,9 +363,9 @@ def write_report(dirs: list[Path], out: Path) -> Path:
     for _, m, _ in runs:
         h = m.get("hardware") or {}
         hardware[", ".join(f"{k} {v}" for k, v in h.items()) or "unknown"] += 1
-    md = ["# Compression report: ours vs the seed report", "",
-          f"- Run dirs found under: {', '.join(f'`{d.resolve()}`' for d in map(Path, dirs))}; "
-          f"paths below are relative to `{common}`.",
+    md = ["# Compression report: ours vs the seed report", "", *notes,
+          f"- Run dirs found under: {', '.join(f'`{shown(d)}`' for d in map(Path, dirs))}; "
+          f"paths below are relative to `{shown(common)}`.",
           f"- Runs: {len(runs)} complete, {len(missing)} missing or incomplete."]
     for b in budgets:
         epochs = sorted({dig(m, ("config", "trainer", "max_epochs")) for _, m, j in runs if j.budget == b} - {None})

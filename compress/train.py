@@ -37,6 +37,14 @@ log = logging.getLogger("compress")
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
+def hardware(accelerator: str = "auto") -> dict[str, Any]:
+    """What ran the job: accelerator, device name, CPU threads, torch version."""
+    gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()}"
+    return {"accelerator": "gpu" if gpu else "cpu", "device": name, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
 def finished(path: Path, digest: str) -> bool:
     """Whether ``path`` is a complete metrics file for the config with hash ``digest``."""
     try:
@@ -87,8 +95,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         "size": size,
         "stages": [vars(r) for r in results],
         "wall_time_s": time.time() - t0,
-        "hardware": {"device": cfg.data.device, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                     "threads": torch.get_num_threads()},
+        "hardware": hardware(cfg.trainer.accelerator),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))

@@ -114,8 +114,9 @@ def test_prune_quant_pipeline_end_to_end(tmp_path: Path, data_root: Path, pretra
            f"hydra.sweep.dir={tmp_path}", f"stage_cache={tmp_path}/.stages"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")}
-    assert sorted(runs) == ["nbits=2,prune=global,quant=asym", "nbits=3,prune=global,quant=asym"]
+    paths = {json.loads(p.read_text())["choices"]["nbits"]: p for p in tmp_path.glob("*/metrics.json")}
+    assert sorted(paths) == [2, 3]
+    runs = {n: json.loads(p.read_text()) for n, p in paths.items()}
     assert sorted(m["stages"][0]["cached"] for m in runs.values()) == [False, True]
     for m in runs.values():
         n = m["choices"]["nbits"]
@@ -123,7 +124,7 @@ def test_prune_quant_pipeline_end_to_end(tmp_path: Path, data_root: Path, pretra
         assert m["max_distinct_values"] <= 2**n
         assert m["after_ft"]["acc"] > m["before_ft"]["acc"]
     from compress.checkpoint import load_checkpoint
-    ckpt = load_checkpoint(str(tmp_path / "nbits=2,prune=global,quant=asym" / "model.pt"))
+    ckpt = load_checkpoint(str(paths[2].parent / "model.pt"))
     total = sum(v.numel() for v in ckpt.masks.values())
     zeros = sum(int((ckpt.state_dict[f"{k}.weight"] == 0).sum()) for k in ckpt.masks)
     assert zeros / total >= 0.8

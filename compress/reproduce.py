@@ -1,0 +1,88 @@
+"""Reproduce every seed table in order and publish one report: ``python -m compress.reproduce``.
+
+    python -m compress.reproduce --budget smoke            # a CPU machine: minutes a table
+    python -m compress.reproduce --budget full             # the seed's epochs (use a GPU)
+    python -m compress.reproduce --budget full -- trainer=gpu data.device=cuda
+
+Runs ``experiment=table3_1`` .. ``table3_4`` (3.1 first: its global-pruning stage is reused
+from the stage cache by 3.4), each a Hydra multirun under ``multirun/<table>/<budget>/``
+(finished runs are skipped, so an interrupted reproduction resumes). Then copies every run's
+``metrics.json`` and ``.hydra/`` config into ``<out>/runs/`` and writes ``<out>/report.md``
+from those copies, with the command, budget, hardware, commit and wall time in its header:
+the published report and the numbers it cites travel together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from compress.report import write_report
+from compress.train import hardware
+
+TABLES = ("table3_1", "table3_2", "table3_3", "table3_4")
+
+
+def git_commit() -> str:
+    """The checkout's commit (with ``+dirty`` if it has uncommitted changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        return rev + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def collect(sweep: Path, dest: Path) -> int:
+    """Copy each run's ``metrics.json`` (if any) and ``.hydra/`` from ``sweep`` into ``dest``."""
+    n = 0
+    for hydra_dir in sorted(sweep.glob("*/.hydra")):
+        run, target = hydra_dir.parent, dest / hydra_dir.parent.name
+        shutil.copytree(hydra_dir, target / ".hydra", dirs_exist_ok=True)
+        if (run / "metrics.json").is_file():
+            shutil.copy2(run / "metrics.json", target / "metrics.json")
+            n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m compress.reproduce", description=__doc__.splitlines()[0])
+    p.add_argument("--budget", choices=("smoke", "full"), default="smoke")
+    p.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated subset of {', '.join(TABLES)}")
+    p.add_argument("--out", type=Path, help="where the report goes (default: multirun/reproduce/<budget>)")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every table (after --)")
+    a = p.parse_args(argv)
+    tables = [t.strip() for t in a.tables.split(",")]
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        print(f"error: --tables {','.join(unknown)} is not allowed: use {', '.join(TABLES)}", file=sys.stderr)
+        return 2
+    out = a.out or Path("multirun/reproduce") / a.budget
+    t0 = time.time()
+    for table in tables:
+        cmd = [sys.executable, "-m", "compress.train", f"experiment={table}", f"budget={a.budget}", *a.overrides]
+        print("+", shlex.join(cmd[1:]), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"error: {table} failed; finished runs are kept, re-run to resume", file=sys.stderr)
+            return 1
+    wall = time.time() - t0
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    copied = {t: collect(Path("multirun") / t / a.budget, out / "runs" / t) for t in tables}
+    command = shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])])
+    hw = hardware()
+    notes = [f"- Command: `{command}` at commit `{git_commit()}`, budget `{a.budget}`.",
+             f"- Machine: {hw['device']}, {hw['threads']} threads; torch {hw['torch']}; wall time of this reproduction {wall / 60:.1f} min "
+             "(runs already finished before it started were skipped, see their own wall times).",
+             f"- Runs copied into `runs/`: {', '.join(f'{t} {n}' for t, n in copied.items())}."]
+    report = write_report([out / "runs"], out, notes)
+    print(f"report written to {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
