@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.data import CIFAR10Data, TensorBatches, load_split
-from compress.layers import network
 from compress.models import resnet20
-from compress.module import Classifier
+from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback
 from compress.quant import QuantizationCallback
 
@@ -114,13 +113,6 @@ class Timer(pl.Callback):
         return self.t1 - self.t0
 
 
-class Compile(pl.Callback):
-    """``torch.compile`` the network in place, after the compression callbacks parametrized it."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        network(pl_module).compile()
-
-
 # ----------------------------------------------------------------------------- variants
 
 
@@ -174,7 +166,7 @@ def train_lightning(args: argparse.Namespace, splits: dict, compressed: bool) ->
     """(b)/(c) Seconds for the timed steps of ``Classifier`` fitted by a Trainer."""
     total = args.warmup + args.steps
     timer = Timer(args.device, first=args.warmup, last=total - 1)
-    callbacks = [*(compression() if compressed else []), *([Compile()] if args.compile else []), timer]
+    callbacks = [*(compression() if compressed else []), *([CompileNetwork()] if args.compile else []), timer]
     module = Classifier(resnet20(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     fit = trainer(args, callbacks, max_epochs=1, limit_train_batches=total, limit_val_batches=0)
     fit.fit(module, datamodule=datamodule(splits, args.device))

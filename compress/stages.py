@@ -31,7 +31,7 @@ from torch import nn
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.layers import bake
-from compress.module import Classifier
+from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback
 
@@ -113,7 +113,8 @@ def run_stage(
     history = History()
     ckpt_dir = out_dir / "checkpoints" / stage.name
     saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, enable_version_counter=False)
-    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), history, saver], out_dir)
+    compiling = [CompileNetwork()] if cfg.compile else []
+    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), *compiling, history, saver], out_dir)
     before = test(trainer, module, datamodule)
     if stage.epochs > 0:
         last = ckpt_dir / "last.ckpt"

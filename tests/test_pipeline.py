@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.layers import bake, block_convs
+from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback
 from compress.stages import Stage, StageCache, StageResult
@@ -54,6 +55,31 @@ def test_masks_and_quantization_compose(resnet: torch.nn.Module) -> None:
     for name, conv in block_convs(resnet).items():
         w = conv.weight.detach()
         assert torch.unique(w[w != 0]).numel() <= 8, name
+
+
+def test_compile_network_compiles_the_parametrized_network_once(resnet: torch.nn.Module) -> None:
+    module = Classifier(resnet)
+    QuantizationCallback("asym", 4).install(resnet)
+    CompileNetwork().setup(None, module, "fit")
+    compiled = resnet._compiled_call_impl
+    assert compiled is not None
+    CompileNetwork().setup(None, module, "test")
+    assert resnet._compiled_call_impl is compiled, "a second stage reuses the compiled network"
+
+
+@pytest.mark.slow
+def test_compiled_network_computes_what_the_eager_one_does(resnet: torch.nn.Module) -> None:
+    QuantizationCallback("asym", 4).install(resnet)
+    resnet.eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        eager = resnet(x)
+        CompileNetwork().setup(None, Classifier(resnet), "test")
+        compiled = resnet(x)
+        bake(resnet)  # the guards see the parametrizations go: recompiled, same function
+        baked = resnet(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(baked, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_stage_cache_computes_once_and_restores_the_model(tmp_path: Path, resnet: torch.nn.Module) -> None:
