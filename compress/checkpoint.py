@@ -33,7 +33,7 @@ class Checkpoint:
 
 
 def is_url(source: str) -> bool:
-    return source.startswith(("https://", "http://"))
+    return source.startswith("https://")
 
 
 def source_id(source: str) -> str:
@@ -68,15 +68,17 @@ def load_checkpoint(source: str) -> Checkpoint:
 
 def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str) -> None:
     """Load ``ckpt`` into ``model`` strictly, with an error naming what does not match."""
-    result = model.load_state_dict(ckpt.state_dict, strict=False)
-    shapes = [
-        k for k, v in ckpt.state_dict.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape
-    ]
-    if result.missing_keys or result.unexpected_keys or shapes:
+    own = model.state_dict()
+    missing = [k for k in own if k not in ckpt.state_dict]
+    unexpected = [k for k in ckpt.state_dict if k not in own]
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt.state_dict.items()
+              if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shapes:
         raise ValueError(
             f"model.pretrained={source!r} does not match {type(model).__name__}: "
-            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}, wrong shape {shapes[:3]}"
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {shapes[:3]}"
         )
+    model.load_state_dict(ckpt.state_dict)
 
 
 def save_checkpoint(path: Path, model: nn.Module, masks: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from compress.export import FP_DTYPES
 from compress.prune import check_sparsity
 from compress.quant import MODES, check_nbits
 
@@ -27,6 +28,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.prune.method not in PRUNE_METHODS:
         raise ValueError(f"prune.method={cfg.prune.method!r} is not allowed: use one of {', '.join(PRUNE_METHODS)}")
     _epochs("trainer.max_epochs", cfg.trainer.max_epochs)
+    if cfg.export_fp_dtype not in FP_DTYPES:
+        raise ValueError(f"export_fp_dtype={cfg.export_fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
     if cfg.quant.mode != "none":
         _epochs("quant.epochs", cfg.quant.epochs)
     if cfg.prune.method != "none":

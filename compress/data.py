@@ -3,7 +3,7 @@
 Per-image PIL transforms and worker processes would fight the model for a 2-core CPU, so the
 dataset is decoded once (``torchvision.datasets.CIFAR10``) into one ``uint8`` tensor; each
 batch is cropped (4-pixel zero padding), flipped and normalized with tensor ops on whatever
-device the data lives on (the GPU when ``data.device=cuda``).
+device the data lives on (``data.device``: ``auto`` puts it on the trainer's device).
 """
 
 from __future__ import annotations

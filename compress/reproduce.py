@@ -2,7 +2,7 @@
 
     python -m compress.reproduce --budget smoke            # a CPU machine: minutes a table
     python -m compress.reproduce --budget full             # the seed's epochs (use a GPU)
-    python -m compress.reproduce --budget full -- trainer=gpu data.device=cuda
+    python -m compress.reproduce --budget full -- trainer=gpu compile=true
 
 Runs ``experiment=table3_1`` .. ``table3_4`` (3.1 first: its global-pruning stage is reused
 from the stage cache by 3.4), each a Hydra multirun under ``multirun/<table>/<budget>/``

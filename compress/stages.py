@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
+from compress.config import config_hash
 from compress.layers import bake
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback, current_masks
@@ -104,14 +105,15 @@ def run_stage(
 ) -> tuple[StageResult, dict[str, torch.Tensor]]:
     """Fine-tune ``model`` in place with the stage's callbacks; bake it; return the result and its masks.
 
-    Every epoch ends with ``<out_dir>/checkpoints/<stage>/last.ckpt``; a stage that finds one
-    (the run was killed) resumes from it. It is deleted once the stage is done.
+    Every epoch ends with ``<out_dir>/checkpoints/<stage>-<config hash>/last.ckpt``; a stage
+    that finds one (the same config was killed there) resumes from it. It is deleted once the
+    stage is done.
     """
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = Classifier(model, **cfg.optim)
     history = History()
-    ckpt_dir = out_dir / "checkpoints" / stage.name
+    ckpt_dir = out_dir / "checkpoints" / f"{stage.name}-{config_hash(cfg)}"
     saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, enable_version_counter=False)
     compiling = [CompileNetwork()] if cfg.compile else []
     trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), *compiling, history, saver], out_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -61,6 +63,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     if cfg.resume and finished(metrics_path, digest):
         log.info("already finished, skipping: %s", metrics_path)
         return None
+    if not cfg.resume:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     ckpt = load_checkpoint(cfg.model.pretrained)
     model = instantiate(cfg.model.net)
     apply_checkpoint(model, ckpt, cfg.model.pretrained)
@@ -99,13 +103,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # stale ones of other configs, if any
     log.info("test acc %.4f (before fine-tuning %.4f) -> %s", metrics["test_acc"], final.before["acc"], metrics_path)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Hydra task: run one job, turning a user error into one line and exit status 2."""
+    """Hydra task: run one job, turning a user error into one line and exit status 2.
+
+    In a multirun the error is re-raised instead, so Hydra marks this job failed and runs the
+    others (its launcher reports the failure when the sweep ends; the exit status is then 1).
+    """
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning.utilities._pytree")
     try:
@@ -113,6 +122,8 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as e:
         log.debug("failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
         sys.exit(2)
 
 

@@ -4,6 +4,8 @@ with a message naming the bad value, a non-zero exit and no metrics.json."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from compress.config import config_hash, validate
 from compress.models import resnet20
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 PRUNE = ("none", "oneshot", "iterative", "global")
 QUANT = ("none", "sym", "asym")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -138,6 +141,8 @@ def failures(run_apps, paths: dict[str, Path]) -> dict:
         "sparsity": ["prune=global", "prune.sparsity=1.5"],
         "data_root": [f"data.root={paths['empty']}", f"model.pretrained={paths['weights']}"],
         "garbage": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['garbage']}"],
+        "shape": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['weights']}", "model.net.num_classes=100"],
+        "fp_dtype": ["export_fp_dtype=fp16"],
     })
 
 
@@ -180,3 +185,25 @@ def test_bad_pretrained(failures, paths) -> None:
     proc = failures["garbage"]
     assert_failed(proc, "model.pretrained", str(paths["garbage"]))
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_shape(failures, paths) -> None:
+    proc = failures["shape"]
+    assert_failed(proc, "model.pretrained", str(paths["weights"]), "wrong shape", "linear.weight")
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_export_dtype(failures) -> None:
+    proc = failures["fp_dtype"]
+    assert_failed(proc, "export_fp_dtype='fp16'", "float32, float16")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "compress.train", "-m", "quant=asym", "nbits=9,1", "trainer.max_epochs=0",
+           f"hydra.sweep.dir={sweep}", f"stage_cache={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: nbits=9" in proc.stderr and "error: nbits=1" in proc.stderr, proc.stderr
+    assert not list(sweep.rglob("metrics.json"))
