@@ -69,16 +69,15 @@ def load_checkpoint(source: str) -> Checkpoint:
 def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str) -> None:
     """Load ``ckpt`` into ``model`` strictly, with an error naming what does not match."""
     own = model.state_dict()
-    missing = [k for k in own if k not in ckpt.state_dict]
-    unexpected = [k for k in ckpt.state_dict if k not in own]
+    # shapes first: load_state_dict raises a bare RuntimeError on them even with strict=False
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt.state_dict.items()
               if k in own and own[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"model.pretrained={source!r} does not match {type(model).__name__}: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {shapes[:3]}"
-        )
-    model.load_state_dict(ckpt.state_dict)
+    what = f"model.pretrained={source!r} does not match {type(model).__name__}"
+    if shapes:
+        raise ValueError(f"{what}: wrong shape {shapes[:3]}")
+    result = model.load_state_dict(ckpt.state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{what}: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
 def save_checkpoint(path: Path, model: nn.Module, masks: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

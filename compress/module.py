@@ -53,7 +53,8 @@ class Classifier(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log_dict({f"{split}/loss": loss, f"{split}/acc": acc}, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log_dict({f"{split}/loss": loss, f"{split}/acc": acc}, on_step=False, on_epoch=True, batch_size=len(y),
+                      sync_dist=True)  # epoch means over every DDP rank's shard
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

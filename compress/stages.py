@@ -25,6 +25,7 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -168,8 +169,14 @@ class StageCache:
     def run(
         self, stage: Stage, compute: Callable[[], tuple[StageResult, dict[str, torch.Tensor]]], model: nn.Module
     ) -> tuple[StageResult, dict[str, torch.Tensor]]:
-        """Load ``stage`` from the cache into ``model``, or ``compute`` it and store it."""
+        """Load ``stage`` from the cache into ``model``, or ``compute`` it and store it.
+
+        Under DDP only global rank 0 locks and stores; the other ranks (started by Lightning
+        while rank 0 holds the lock) compute alongside it, or load what it stored earlier.
+        """
         entry = self.root / stage.cache_key
+        if rank_zero_only.rank != 0:
+            return self._load(entry, model) if (entry / "result.json").is_file() else compute()
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f"{stage.cache_key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -180,6 +187,7 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             save_checkpoint(tmp / "model.pt", model, masks, {"stage": stage.name})
             (tmp / "result.json").write_text(json.dumps(asdict(result), indent=1))
+            shutil.rmtree(entry, ignore_errors=True)  # a partly deleted entry, left by hand
             tmp.rename(entry)
             log.info("stage %s stored in %s", stage.name, entry)
             return result, masks

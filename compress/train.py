@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
 from compress.config import config_hash, validate
@@ -56,7 +57,8 @@ def finished(path: Path, digest: str) -> bool:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
-    """Run one configured job into ``out_dir``; returns its metrics (None if skipped)."""
+    """Run one configured job into ``out_dir``; returns its metrics (None if skipped, or on a
+    DDP rank other than 0)."""
     t0 = time.time()
     validate(cfg)
     digest, metrics_path = config_hash(cfg), out_dir / "metrics.json"
@@ -76,6 +78,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     torch.set_float32_matmul_precision("high")
 
     results, masks = run_stages(cfg, model, ckpt.masks, datamodule, out_dir, source_id(cfg.model.pretrained))
+    if rank_zero_only.rank != 0:  # DDP: the other ranks computed the same model; rank 0 writes it
+        return None
     final = results[-1]
     distinct = distinct_values(model) if quantized else {}
     meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits} if quantized else None,

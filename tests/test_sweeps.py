@@ -116,3 +116,20 @@ def test_nan_loss_stops_with_epoch_and_step(run_app, data_root: Path, pretrained
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training loss is") and "epoch 0, step" in last
     assert not (proc.run_dir / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(run_app, data_root: Path, pretrained: Path) -> None:
+    """trainer.devices=2 trainer.strategy=ddp (gloo on the CPU): the stage cache does not deadlock
+    the second rank, test accuracy is reduced over both ranks' shards, rank 0 writes the results."""
+    ddp = run_app("prune=global", "ramp_epochs=1", "quant=asym", "nbits=4", *TINY,
+                  "trainer.devices=2", "trainer.strategy=ddp", timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = run_app("trainer.max_epochs=0")
+    assert single.returncode == 0, single.stderr[-2000:]
+    metrics = json.loads((ddp.run_dir / "metrics.json").read_text())
+    dense = json.loads((single.run_dir / "metrics.json").read_text())["test_acc"]
+    prune, quant = metrics["stages"]
+    assert prune["before"]["acc"] == dense, "both halves of the test set were counted"
+    assert metrics["sparsity"]["overall"] >= 0.8 and metrics["max_distinct_values"] <= 16
+    assert quant["after"] is not None and (ddp.run_dir / "train_ddp_process_1.log").exists()
