@@ -41,7 +41,7 @@ TABLES: dict[str, tuple[str, str, list[tuple[Any, str]], list[tuple[str, str]]]]
         ("baseline", "FP baseline (pretrained)"), ("control", "FP fine-tuned, no pruning (control)"),
         ("oneshot", "One-shot pruning + FT"), ("iterative", "Iterative pruning + FT"),
         ("global", "Global iterative pruning + FT")],
-        [("acc", "Test acc"), ("loss", "Test loss"), ("acc_before", "Acc before FT"), ("sparsity", "Sparsity")]),
+        [("acc", "Test acc"), ("loss", "Test loss"), ("acc_before", "Acc at FT start"), ("sparsity", "Sparsity")]),
     "3.2": ("Table 3.2: quantization without fine-tuning", "Nbits", [(n, str(n)) for n in NBITS],
             [("asym", "Asymmetric acc"), ("sym", "Symmetric acc")]),
     "3.3": ("Table 3.3: asymmetric quantization with fine-tuning", "Nbits", [(n, str(n)) for n in NBITS[1:]],
@@ -379,7 +379,9 @@ def write_report(dirs: list[Path], out: Path, notes: list[str] = ()) -> Path:
            "(e.g. seeds) fill one cell, ours is their mean and (n=…) their count. \"missing\": the run that fills the "
            "cell is missing or incomplete (see below) or has no such number. The runs column names the run dirs of the row.",
            "- Seed numbers: `compress/seed_results.yaml`. Seed section 4 prints relative drops (Δ/baseline); "
-           "its drop in points is computed from its Table 3.1.", ""]
+           "its drop in points is computed from its Table 3.1.",
+           "- Table 3.1 \"Acc at FT start\": the model as fine-tuning begins. One-shot prunes to 80% first; "
+           "iterative and global ramp the sparsity up during fine-tuning, so they start from the dense model.", ""]
 
     csv_rows: list[list[Any]] = []
     for b in budgets:

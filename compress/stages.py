@@ -2,7 +2,8 @@
 
 ``prune`` (magnitude pruning + fine-tuning), then ``quant`` (fake quantization + fine-tuning,
 masks kept); a run with neither is one plain ``finetune`` stage. Each stage tests the model
-once its compression is installed ("before" fine-tuning) and, when it trains, once more on
+once its compression is installed ("before" fine-tuning: for a pruning ramp that is its
+first step, sparsity 0) and, when it trains, once more on
 the baked plain model ("after"), so the reported number is the saved model's.
 
 The pruning stage is cached under a key of everything it depends on, so a sweep over
