@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from compress.report import ReportCallback, write_report
+from compress.reproduce import collect, command, sweep_keys
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -163,3 +165,18 @@ def test_cli(sweep: Path, tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: not a directory: {tmp_path / 'nowhere'}"
+
+
+def test_reproduce_collects_only_the_runs_its_command_launched(tmp_path: Path) -> None:
+    def run(name: str, overrides: list[str]) -> None:
+        (tmp_path / "sweep" / name / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (tmp_path / "sweep" / name / "metrics.json").write_text("{}")
+
+    cmd = command("table3_2", "smoke", [])
+    assert sweep_keys("table3_2") == {"quant", "nbits"}
+    run("nbits=2,quant=asym", ["quant=asym", "nbits=2", *cmd])
+    run("nbits=2,quant=asym,trainer=gpu", ["quant=asym", "nbits=2", *cmd, "trainer=gpu"])
+    run("nbits=2,optim.lr=0.1,quant=asym", ["quant=asym", "nbits=2", "optim.lr=0.1", *cmd])
+    assert collect(tmp_path / "sweep", tmp_path / "out", cmd, sweep_keys("table3_2")) == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["nbits=2,quant=asym"]
