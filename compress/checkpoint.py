@@ -40,15 +40,20 @@ def source_id(source: str) -> str:
     """Identity of a weights source for cache keys: the URL, or the sha256 of a local file."""
     if is_url(source):
         return source
-    return "sha256:" + hashlib.sha256(Path(source).expanduser().read_bytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(_local(source).read_bytes()).hexdigest()
+
+
+def _local(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained={source!r}: no such file (give a checkpoint path or an https URL)")
+    return path
 
 
 def _read(source: str) -> Any:
     if is_url(source):
         return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True, weights_only=True)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained={source!r}: no such file (give a checkpoint path or an https URL)")
+    path = _local(source)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file

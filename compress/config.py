@@ -7,6 +7,7 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
+from compress.checkpoint import source_id
 from compress.export import FP_DTYPES
 from compress.prune import check_sparsity
 from compress.quant import MODES, check_nbits
@@ -49,7 +50,15 @@ def validate(cfg: DictConfig) -> None:
 NOT_HASHED = ("stage_cache", "resume")
 
 
+def digest(obj: object) -> str:
+    """The first 16 hex digits of the sha256 of ``obj`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config: two runs with the same hash compute the same thing."""
+    """Hash of the resolved config, with the weights' content in place of their path and
+    without the data root: two runs with the same hash compute the same thing."""
     c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_HASHED}
-    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+    c["model"]["pretrained"] = source_id(cfg.model.pretrained)
+    c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    return digest(c)

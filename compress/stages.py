@@ -14,7 +14,6 @@ wait for the one computing it, and the entry appears by an atomic rename.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import shutil
@@ -32,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
-from compress.config import config_hash
+from compress.config import config_hash, digest
 from compress.layers import bake
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback, current_masks
@@ -158,7 +157,7 @@ def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
     data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": data, "trainer": c["trainer"],
             "optim": c["optim"], "prune": c["prune"], "seed": c["seed"], "version": 1}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(spec)
 
 
 class StageCache:

@@ -82,6 +82,16 @@ def test_budgets_differ(hydra_compose) -> None:
     assert config_hash(full) != config_hash(smoke)
 
 
+def test_config_hash_follows_the_weights_content_not_paths(hydra_compose, tmp_path: Path) -> None:
+    a, b = random_checkpoint(tmp_path / "a.th"), tmp_path / "b.th"
+    b.write_bytes(a.read_bytes())
+    ha = config_hash(hydra_compose([f"model.pretrained={a}", "data.root=/x"]))
+    assert config_hash(hydra_compose([f"model.pretrained={b}", "data.root=/y"])) == ha  # same inputs
+    torch.manual_seed(1)
+    torch.save({"state_dict": resnet20().state_dict()}, a)
+    assert config_hash(hydra_compose([f"model.pretrained={a}", "data.root=/x"])) != ha  # new weights, same path
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
