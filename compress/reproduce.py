@@ -41,7 +41,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def command(table: str, budget: str, overrides: list[str]) -> list[str]:
+def table_overrides(table: str, budget: str, overrides: list[str]) -> list[str]:
     """The app's overrides that run ``table`` at ``budget``."""
     return [f"experiment={table}", f"budget={budget}", *overrides]
 
@@ -52,14 +52,14 @@ def sweep_keys(table: str) -> set[str]:
     return set(exp["hydra"]["sweeper"]["params"])
 
 
-def collect(sweep: Path, dest: Path, command: list[str], swept: set[str]) -> int:
+def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str]) -> int:
     """Copy the ``metrics.json`` (if any) and ``.hydra/`` of each run in ``sweep`` that this
-    command launched (its overrides are ``command`` plus swept keys only) into ``dest``."""
+    command launched (its overrides are ``launched`` plus swept keys only) into ``dest``."""
     n = 0
     for hydra_dir in sorted(sweep.glob("*/.hydra")):
         overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
-        rest = [o for o in overrides if o not in command]
-        if len(overrides) - len(rest) != len(command) or any(o.split("=", 1)[0] not in swept for o in rest):
+        rest = [o for o in overrides if o not in launched]
+        if len(overrides) - len(rest) != len(launched) or any(o.split("=", 1)[0] not in swept for o in rest):
             continue  # launched with other overrides: not part of this reproduction
         run, target = hydra_dir.parent, dest / hydra_dir.parent.name
         shutil.copytree(hydra_dir, target / ".hydra", dirs_exist_ok=True)
@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path("multirun/reproduce") / a.budget
     t0 = time.time()
     for table in tables:
-        cmd = [sys.executable, "-m", "compress.train", *command(table, a.budget, a.overrides)]
+        cmd = [sys.executable, "-m", "compress.train", *table_overrides(table, a.budget, a.overrides)]
         print("+", shlex.join(cmd[1:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             print(f"error: {table} failed; finished runs are kept, re-run to resume", file=sys.stderr)
             return 1
     wall = time.time() - t0
     shutil.rmtree(out / "runs", ignore_errors=True)
-    copied = {t: collect(Path("multirun") / t / a.budget, out / "runs" / t, command(t, a.budget, a.overrides), sweep_keys(t))
+    copied = {t: collect(Path("multirun") / t / a.budget, out / "runs" / t, table_overrides(t, a.budget, a.overrides), sweep_keys(t))
               for t in tables}
     command = shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])])
     hw = hardware()

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from compress.report import ReportCallback, write_report
-from compress.reproduce import collect, command, sweep_keys
+from compress.reproduce import collect, sweep_keys, table_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -173,7 +173,7 @@ def test_reproduce_collects_only_the_runs_its_command_launched(tmp_path: Path) -
         (tmp_path / "sweep" / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
         (tmp_path / "sweep" / name / "metrics.json").write_text("{}")
 
-    cmd = command("table3_2", "smoke", [])
+    cmd = table_overrides("table3_2", "smoke", [])
     assert sweep_keys("table3_2") == {"quant", "nbits"}
     run("nbits=2,quant=asym", ["quant=asym", "nbits=2", *cmd])
     run("nbits=2,quant=asym,trainer=gpu", ["quant=asym", "nbits=2", *cmd, "trainer=gpu"])
