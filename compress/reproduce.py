@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tables {','.join(unknown)} is not allowed: use {', '.join(TABLES)}", file=sys.stderr)
         return 2
     out = a.out or Path("multirun/reproduce") / a.budget
-    t0 = time.time()
+    t0, commit = time.time(), git_commit()  # before the runs are copied into a (tracked) --out
     for table in tables:
         cmd = [sys.executable, "-m", "compress.train", *table_overrides(table, a.budget, a.overrides)]
         print("+", shlex.join(cmd[1:]), flush=True)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               for t in tables}
     command = shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])])
     hw = hardware()
-    notes = [f"- Command: `{command}` at commit `{git_commit()}`, budget `{a.budget}`.",
+    notes = [f"- Command: `{command}` at commit `{commit}`, budget `{a.budget}`.",
              f"- Machine: {hw['device']}, {hw['threads']} threads; torch {hw['torch']}; wall time of this reproduction {wall / 60:.1f} min "
              "(runs already finished before it started were skipped, see their own wall times).",
              f"- Runs copied into `runs/`: {', '.join(f'{t} {n}' for t, n in copied.items())}."]
