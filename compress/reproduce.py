@@ -31,11 +31,12 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 TABLES = ("table3_1", "table3_2", "table3_3", "table3_4")
 
 
-def git_commit() -> str:
-    """The checkout's commit (with ``+dirty`` if it has uncommitted changes), or ``unknown``."""
+def git_commit(out: Path) -> str:
+    """The checkout's commit (with ``+dirty`` if it has uncommitted changes outside ``out``,
+    where the report is written), or ``unknown``."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){out}"], capture_output=True, text=True).stdout
         return rev + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tables {','.join(unknown)} is not allowed: use {', '.join(TABLES)}", file=sys.stderr)
         return 2
     out = a.out or Path("multirun/reproduce") / a.budget
-    t0, commit = time.time(), git_commit()  # before the runs are copied into a (tracked) --out
+    t0, commit = time.time(), git_commit(out)
     for table in tables:
         cmd = [sys.executable, "-m", "compress.train", *table_overrides(table, a.budget, a.overrides)]
         print("+", shlex.join(cmd[1:]), flush=True)
