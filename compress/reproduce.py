@@ -60,7 +60,7 @@ def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str]) -> in
     for hydra_dir in sorted(sweep.glob("*/.hydra")):
         overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
         rest = [o for o in overrides if o not in launched]
-        if len(overrides) - len(rest) != len(launched) or any(o.split("=", 1)[0] not in swept for o in rest):
+        if not set(launched) <= set(overrides) or any(o.split("=", 1)[0] not in swept for o in rest):
             continue  # launched with other overrides: not part of this reproduction
         run, target = hydra_dir.parent, dest / hydra_dir.parent.name
         shutil.copytree(hydra_dir, target / ".hydra", dirs_exist_ok=True)
