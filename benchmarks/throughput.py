@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.data import CIFAR10Data, TensorBatches, load_split
+from compress.data import CIFAR10Data, TensorBatches, check_root, load_split
 from compress.models import resnet20
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback
@@ -57,6 +57,10 @@ def load_data(real: bool, device: str) -> dict[str, tuple[torch.Tensor, torch.Te
     """Train (50k) and test (10k) splits as uint8 images and int64 labels on ``device``."""
     if real:
         root = Path(os.environ.get("COMPRESS_DATA", "data/cifar10")).expanduser()
+        try:
+            check_root(root)
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err} (--real reads $COMPRESS_DATA)") from None
         train, test = load_split(root, train=True), load_split(root, train=False)
     else:
         gen = torch.Generator().manual_seed(0)
