@@ -115,7 +115,9 @@ def run_stage(
     module = Classifier(model, **cfg.optim)
     history = History()
     ckpt_dir = out_dir / "checkpoints" / f"{stage.name}-{config_hash(cfg)}"
-    saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, enable_version_counter=False)
+    # save_top_k=1 without a monitor rewrites one file every epoch; save_last alone with
+    # save_top_k=0 would write last.ckpt only when training ends, too late to resume from.
+    saver = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
     compiling = [CompileNetwork()] if cfg.compile else []
     trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), *compiling, history, saver], out_dir)
     before = test(trainer, module, datamodule)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import app_command
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A few seconds of training per run: enough to exercise every code path.
@@ -96,6 +98,33 @@ def test_killed_sweep_resumes_only_missing_runs(tmp_path: Path, data_root: Path,
         assert final[name] == content  # byte-identical, not rewritten
         assert (tmp_path / name / "metrics.json").stat().st_mtime_ns == done[name]
     assert (again.stdout + again.stderr).count("already finished, skipping") == len(first)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path, data_root: Path, pretrained: Path) -> None:
+    """SIGKILL after the first epoch's checkpoint: the re-run resumes from it (no metrics.json
+    in between) and ends with exactly the numbers of an uninterrupted run."""
+    overrides = ["prune=global", "ramp_epochs=1", "trainer.max_epochs=3", "data.train_subset=2048", "data.val_size=256"]
+    cmd, env, run_dir = app_command(overrides, tmp_path / "killed")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(run_dir.glob("checkpoints/*/last.ckpt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run should have been killed mid-training"
+    assert list(run_dir.glob("checkpoints/*/last.ckpt")) and not (run_dir / "metrics.json").exists()
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stage prune resumes from" in again.stdout + again.stderr
+    assert not list(run_dir.glob("checkpoints/*")), "checkpoints are removed once the stage is done"
+
+    straight_cmd, _, straight_dir = app_command(overrides, tmp_path / "straight")
+    straight = subprocess.run(straight_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    resumed, reference = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, straight_dir))
+    assert len(reference["stages"][0]["history"]) == 3
+    assert without_timing(resumed) == without_timing(reference)
 
 
 @pytest.mark.slow
