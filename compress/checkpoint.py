@@ -52,7 +52,13 @@ def _local(source: str) -> Path:
 
 def _read(source: str) -> Any:
     if is_url(source):
-        return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True, weights_only=True)
+        try:
+            return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True, weights_only=True)
+        except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a hash mismatch
+            raise ValueError(
+                f"model.pretrained={source!r} could not be downloaded and verified ({type(e).__name__}: {e}); "
+                "offline, point model.pretrained or COMPRESS_PRETRAINED at a local copy"
+            ) from None
     path = _local(source)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

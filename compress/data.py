@@ -34,7 +34,10 @@ def check_root(root: Path) -> None:
 
 def load_split(root: Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as ``uint8 [N, 3, 32, 32]`` and labels as ``int64 [N]``."""
-    ds = CIFAR10(str(root), train=train, download=download)
+    try:
+        ds = CIFAR10(str(root), train=train, download=download)
+    except RuntimeError as e:  # torchvision's MD5 check of the batch files failed
+        raise ValueError(f"data.root={str(root)!r}: CIFAR-10 files are corrupt or incomplete ({e})") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 

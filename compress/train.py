@@ -67,14 +67,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         return None
     if not cfg.resume:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    ckpt = load_checkpoint(cfg.model.pretrained)
     model = instantiate(cfg.model.net)
-    apply_checkpoint(model, ckpt, cfg.model.pretrained)
     quantized = cfg.quant.mode != "none"
     if quantized:
         QuantizationCallback(cfg.quant.mode, cfg.nbits).check(model)
     datamodule = instantiate(cfg.data)
     datamodule.check()
+    ckpt = load_checkpoint(cfg.model.pretrained)
+    apply_checkpoint(model, ckpt, cfg.model.pretrained)
     torch.set_float32_matmul_precision("high")
 
     results, masks = run_stages(cfg, model, ckpt.masks, datamodule, out_dir, source_id(cfg.model.pretrained))

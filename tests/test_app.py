@@ -153,6 +153,9 @@ def failures(run_apps, paths: dict[str, Path]) -> dict:
         "garbage": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['garbage']}"],
         "shape": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['weights']}", "model.net.num_classes=100"],
         "fp_dtype": ["export_fp_dtype=fp16"],
+        "nothing": ["quant=asym", "model.net._target_=torch.nn.Identity"],
+        "corrupt_data": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['weights']}", "trainer.max_epochs=0"],
+        "offline": [f"data.root={paths['fake_data']}", "model.pretrained=https://127.0.0.1:9/resnet20-12fca82f.th"],
     })
 
 
@@ -207,6 +210,25 @@ def test_bad_export_dtype(failures) -> None:
     proc = failures["fp_dtype"]
     assert_failed(proc, "export_fp_dtype='fp16'", "float32, float16")
     assert "Traceback" not in proc.stderr
+
+
+def test_quant_on_a_model_with_nothing_to_quantize(failures) -> None:
+    proc = failures["nothing"]
+    assert_failed(proc, "quant=asym found nothing to quantize", "Identity")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_corrupt_data_files(failures, paths) -> None:
+    """Files with CIFAR-10's names pass the early check; torchvision's MD5 check then fails."""
+    proc = failures["corrupt_data"]
+    assert_failed(proc, "data.root", str(paths["fake_data"]), "corrupt or incomplete")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_unreachable_pretrained_url(failures) -> None:
+    proc = failures["offline"]
+    assert_failed(proc, "model.pretrained='https://127.0.0.1:9/", "could not be downloaded", "COMPRESS_PRETRAINED")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
