@@ -11,6 +11,7 @@ from ``.hydra/config.yaml``) reads "missing".
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import logging
@@ -427,9 +428,18 @@ def write_report(dirs: list[Path], out: Path, notes: list[str] = ()) -> Path:
 
 
 class ReportCallback(Callback):
-    """Hydra callback writing the report into the sweep dir when a multirun ends; never raises."""
+    """Hydra callback writing the report into the sweep dir when a multirun ends; never raises.
+
+    Hydra skips ``on_multirun_end`` when a job failed (the sweeper re-raises the job's error
+    first), so ``on_multirun_start`` also registers the report to be written at exit: a sweep
+    with failed jobs still gets its report, listing them as missing, before Hydra exits 1.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        atexit.register(self.on_multirun_end, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        atexit.unregister(self.on_multirun_end)
         try:
             sweep = Path(config.hydra.sweep.dir)
             log.info("report written to %s", write_report([sweep], sweep))

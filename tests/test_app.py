@@ -239,3 +239,8 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "error: nbits=9" in proc.stderr and "error: nbits=1" in proc.stderr, proc.stderr
     assert not list(sweep.rglob("metrics.json"))
+    # Hydra skips on_multirun_end after a failed job; the report is still written, listing them
+    report = (sweep / "report.md").read_text()
+    assert "0 complete, 2 missing or incomplete" in report
+    assert "`nbits=1,quant=asym,trainer.max_epochs=0`: unfinished" in report
+    assert "`nbits=9,quant=asym,trainer.max_epochs=0`: unfinished" in report

@@ -180,3 +180,17 @@ def test_reproduce_collects_only_the_runs_its_command_launched(tmp_path: Path) -
     run("nbits=2,optim.lr=0.1,quant=asym", ["quant=asym", "nbits=2", "optim.lr=0.1", *cmd])
     assert collect(tmp_path / "sweep", tmp_path / "out", cmd, sweep_keys("table3_2")) == 1
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["nbits=2,quant=asym"]
+
+
+def test_reproduce_reports_a_failed_table(tmp_path: Path) -> None:
+    """Every job of the table fails (a data root without CIFAR-10): the reproduction still writes
+    its report, marked incomplete and listing the failed runs, and exits 1. Runs in ``tmp_path``
+    (its ``multirun/`` and report go there)."""
+    cmd = [sys.executable, "-m", "compress.reproduce", "--tables", "table3_2", "--", f"data.root={tmp_path / 'none'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: table3_2 failed")
+    report = (tmp_path / "multirun" / "reproduce" / "smoke" / "report.md").read_text()
+    assert "**Incomplete**: runs of table3_2 failed" in report
+    assert "0 complete, 10 missing or incomplete" in report
+    assert "`table3_2/nbits=2,quant=asym`: unfinished" in report
