@@ -13,7 +13,7 @@ torchvision CIFAR-10 root in ``$COMPRESS_DATA``) three ways, interleaved in one 
 
 Each variant runs ``warmup + steps`` steps from the same loader; only the last ``steps`` are
 timed (from the start of the first timed batch, once it is loaded, to the end of the last
-step). Evaluation (10k images, batch 200) is timed the same way: ``trainer.test`` of the
+step). Evaluation (10k images, ``data.eval_batch_size=auto``) is timed the same way: ``trainer.test`` of the
 Classifier against a ``torch.inference_mode`` loop. Ratios are medians of the per-repeat ratios.
 """
 
@@ -39,13 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.data import CIFAR10Data, TensorBatches, check_root, load_split
+from compress.data import CIFAR10Data, TensorBatches, check_root, load_split, resolve_eval_batch
 from compress.models import resnet20
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback
 from compress.quant import QuantizationCallback
 
-BATCH, EVAL_BATCH = 128, 200
+BATCH = 128
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 TARGETS = {"b/a": 0.95, "c/b": 0.85, "eval": 1500.0, "rss_gib": 2.5}
 
@@ -73,7 +73,7 @@ def load_data(real: bool, device: str) -> dict[str, tuple[torch.Tensor, torch.Te
 
 def datamodule(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], device: str) -> CIFAR10Data:
     """The project's data module over the given tensors (no validation split)."""
-    dm = CIFAR10Data(batch_size=BATCH, eval_batch_size=EVAL_BATCH, val_size=0, seed=0, device=device)
+    dm = CIFAR10Data(batch_size=BATCH, eval_batch_size="auto", val_size=0, seed=0, device=device)
     dm.splits = {"train": splits["train"], "test": splits["test"]}  # setup() is a no-op once filled
     return dm
 
@@ -180,7 +180,7 @@ def train_lightning(args: argparse.Namespace, splits: dict, compressed: bool) ->
 def eval_plain(args: argparse.Namespace, splits: dict, model: nn.Module) -> float:
     """Seconds for a ``torch.inference_mode`` pass over the test set (accuracy computed)."""
     model.eval()
-    loader = TensorBatches(*splits["test"], EVAL_BATCH, train=False)
+    loader = TensorBatches(*splits["test"], resolve_eval_batch("auto", torch.device(args.device)), train=False)
     sync(args.device)
     t0 = time.perf_counter()
     correct = torch.zeros((), dtype=torch.int64, device=args.device)
@@ -266,7 +266,7 @@ def main() -> None:
     print(f"train images/s{'':<22}" + "".join(f"{'rep ' + str(i + 1):>9}" for i in range(args.repeats)) + " |  median   best")
     for name, values in train_ips.items():
         print(row(name, values))
-    print(f"eval images/s ({n_test} images, batch {EVAL_BATCH})")
+    print(f"eval images/s ({n_test} images, batch {resolve_eval_batch('auto', torch.device(args.device))})")
     for name, values in eval_ips.items():
         print(row(name, values))
     best_ba, best_cb = max(b) / max(a), max(c) / max(b)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from compress.checkpoint import source_id
+from compress.data import resolve_eval_batch
 from compress.export import FP_DTYPES
 from compress.prune import check_sparsity
 from compress.quant import MODES, check_nbits
@@ -29,6 +31,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.prune.method not in PRUNE_METHODS:
         raise ValueError(f"prune.method={cfg.prune.method!r} is not allowed: use one of {', '.join(PRUNE_METHODS)}")
     _epochs("trainer.max_epochs", cfg.trainer.max_epochs)
+    resolve_eval_batch(cfg.data.eval_batch_size, torch.device("cpu"))
     if cfg.export_fp_dtype not in FP_DTYPES:
         raise ValueError(f"export_fp_dtype={cfg.export_fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
     if cfg.quant.mode != "none":

@@ -127,6 +127,16 @@ class TensorBatches:
             yield normalize(x), self.labels[idx]
 
 
+def resolve_eval_batch(size: int | str, device: torch.device) -> int:
+    """``eval_batch_size`` for data on ``device``: ``auto`` is 200 on a CPU (larger batches
+    evaluate slower on 2 cores) and 2000 on a GPU (200 leaves it mostly idle)."""
+    if size == "auto":
+        return 200 if device.type == "cpu" else 2000
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    raise ValueError(f"data.eval_batch_size={size!r} is not allowed: use a positive integer or 'auto'")
+
+
 class CIFAR10Data(pl.LightningDataModule):
     """CIFAR-10 with a seeded validation split carved out of the training set.
 
@@ -134,7 +144,7 @@ class CIFAR10Data(pl.LightningDataModule):
         root: torchvision CIFAR-10 root (the config defaults it to ``$COMPRESS_DATA``).
         download: fetch the dataset (with torchvision's md5 checks) if it is missing.
         batch_size: training batch size.
-        eval_batch_size: batch size for validation and test.
+        eval_batch_size: batch size for validation and test, or ``auto`` (see :func:`resolve_eval_batch`).
         val_size: images of the training set held out for validation (0: none).
         seed: seeds the split and the shuffling.
         device: where the dataset lives and is augmented: ``auto`` (the attached trainer's
@@ -147,7 +157,7 @@ class CIFAR10Data(pl.LightningDataModule):
         root: str = "data/cifar10",
         download: bool = False,
         batch_size: int = 128,
-        eval_batch_size: int = 200,
+        eval_batch_size: int | str = "auto",
         val_size: int = 5000,
         seed: int = 0,
         device: str = "auto",
@@ -191,7 +201,7 @@ class CIFAR10Data(pl.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         images, labels = self.splits[split]
-        bs = self.batch_size if train else self.eval_batch_size
+        bs = self.batch_size if train else resolve_eval_batch(self.eval_batch_size, images.device)
         return TensorBatches(images, labels, bs, train, self.seed, rank, world)
 
     def train_dataloader(self) -> TensorBatches:
