@@ -17,9 +17,9 @@ from compress.quant import MODES, check_nbits
 PRUNE_METHODS = ("none", "oneshot", "iterative", "global")
 
 
-def _epochs(name: str, value: object) -> int:
+def _count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r} is not allowed: epochs must be an integer >= 0")
+        raise ValueError(f"{name}={value!r} is not allowed: use an integer >= 0")
     return value
 
 
@@ -30,16 +30,17 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"quant.mode={cfg.quant.mode!r} is not allowed: use one of none, {', '.join(MODES)}")
     if cfg.prune.method not in PRUNE_METHODS:
         raise ValueError(f"prune.method={cfg.prune.method!r} is not allowed: use one of {', '.join(PRUNE_METHODS)}")
-    _epochs("trainer.max_epochs", cfg.trainer.max_epochs)
+    _count("trainer.max_epochs", cfg.trainer.max_epochs)
     resolve_eval_batch(cfg.data.eval_batch_size, torch.device("cpu"))
     if cfg.export_fp_dtype not in FP_DTYPES:
         raise ValueError(f"export_fp_dtype={cfg.export_fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
     if cfg.quant.mode != "none":
-        _epochs("quant.epochs", cfg.quant.epochs)
+        _count("quant.epochs", cfg.quant.epochs)
+        _count("quant.bn_recalibration", cfg.quant.bn_recalibration)
     if cfg.prune.method != "none":
         check_sparsity(cfg.prune.sparsity)
-        epochs = _epochs("prune.epochs", cfg.prune.epochs)
-        ramp = _epochs("prune.ramp_epochs", cfg.prune.ramp_epochs)
+        epochs = _count("prune.epochs", cfg.prune.epochs)
+        ramp = _count("prune.ramp_epochs", cfg.prune.ramp_epochs)
         if ramp > epochs:
             raise ValueError(
                 f"prune.ramp_epochs={ramp} is longer than prune.epochs={epochs}: the target sparsity "

@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.config import config_hash, digest
 from compress.layers import bake
@@ -147,7 +148,8 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
         ))
     keep = lambda m: [PruningCallback(0.0, masks=m)] if m else []  # noqa: E731 - keeps a loaded model's zeros
     if quant.mode != "none":
-        stages.append(Stage("quant", quant.epochs, lambda m: [*keep(m), QuantizationCallback(quant.mode, cfg.nbits)]))
+        recalibrate = lambda: [BatchNormRecalibration(quant.bn_recalibration)] if quant.bn_recalibration else []  # noqa: E731
+        stages.append(Stage("quant", quant.epochs, lambda m: [*keep(m), QuantizationCallback(quant.mode, cfg.nbits), *recalibrate()]))
     if not stages:
         stages.append(Stage("finetune", cfg.trainer.max_epochs, keep))
     return stages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -9,9 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from compress.batchnorm import BatchNormRecalibration
+from compress.data import TensorBatches
 from compress.layers import bake, block_convs
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback, current_masks
@@ -154,3 +158,65 @@ def test_prune_quant_pipeline_end_to_end(tmp_path: Path, data_root: Path, pretra
     total = sum(v.numel() for v in ckpt.masks.values())
     zeros = sum(int((ckpt.state_dict[f"{k}.weight"] == 0).sum()) for k in ckpt.masks)
     assert zeros / total >= 0.8
+
+
+class RandomImages(pl.LightningDataModule):
+    """512 random uint8 images served as ``compress.data`` serves CIFAR-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        self.y = torch.randint(0, 10, (512,), generator=gen)
+
+    def train_dataloader(self) -> TensorBatches:
+        return TensorBatches(self.x, self.y, 128, train=True)
+
+    def test_dataloader(self) -> TensorBatches:
+        return TensorBatches(self.x, self.y, 128, train=False)
+
+
+def bn_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
+def test_bn_recalibration_reestimates_statistics_of_the_quantized_net_once(resnet: torch.nn.Module) -> None:
+    dm = RandomImages()
+    # reference: the quantized net's batch statistics over the first two training batches, averaged
+    reference = copy.deepcopy(resnet)
+    QuantizationCallback("asym", 3).install(reference)
+    norms = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    reference.train()
+    with torch.no_grad():
+        for (x, _), _ in zip(dm.train_dataloader(), range(2)):
+            reference(x)
+    weights = {k: v.clone() for k, v in resnet.state_dict().items() if k not in bn_stats(resnet)}
+    fp_stats = bn_stats(resnet)
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[QuantizationCallback("asym", 3), BatchNormRecalibration(200)])
+    trainer.test(Classifier(resnet), datamodule=dm, verbose=False)
+    stats = bn_stats(resnet)
+    assert stats.keys() == bn_stats(reference).keys() and len(stats) == 2 * 19
+    for k, v in bn_stats(reference).items():
+        torch.testing.assert_close(stats[k], v, msg=k)
+        assert not torch.allclose(stats[k], fp_stats[k]), k
+    assert all(m.momentum == 0.1 for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)), "momentum restored"
+    bake(resnet)
+    for k, w in weights.items():  # BN affine and the stem/classifier untouched; block convs as quantized
+        if k.endswith(".weight") and k.removesuffix(".weight") in block_convs(resnet):
+            assert torch.unique(resnet.state_dict()[k]).numel() <= 8, k
+        elif not k.endswith("num_batches_tracked"):
+            assert torch.equal(resnet.state_dict()[k], w), k
+
+    trainer.test(Classifier(resnet), datamodule=dm, verbose=False)  # a second test: not again
+    assert all(torch.equal(v, stats[k]) for k, v in bn_stats(resnet).items())
+
+
+def test_bn_recalibration_rejects_a_bad_count() -> None:
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match=f"quant.bn_recalibration={bad!r} is not allowed"):
+            BatchNormRecalibration(bad)

@@ -110,3 +110,20 @@ def test_asym4_accuracy_matches_plain_evaluation(asym4: tuple[Path, dict], data_
     acc = plain_accuracy(model, data_root)
     assert acc == pytest.approx(metrics["test_acc"], abs=1e-4)
     assert 0.1 < acc < PUBLISHED_ACC + 0.01  # better than chance, not better than full precision
+
+
+@pytest.mark.slow
+def test_bn_recalibration_recovers_3bit_accuracy(run_apps, data_root: Path, pretrained: Path) -> None:
+    """At 3 bits per tensor the FP BatchNorm statistics no longer fit; re-estimating them on
+    2,000 training images (no training) recovers most of the accuracy."""
+    procs = run_apps({
+        "seed": ["quant=asym", "nbits=3", "trainer.max_epochs=0"],
+        "recal": ["quant=asym", "nbits=3", "trainer.max_epochs=0", "quant.bn_recalibration=2000"],
+    }, env=ONE_THREAD)
+    acc = {}
+    for key, proc in procs.items():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads((proc.run_dir / "metrics.json").read_text())
+        assert metrics["max_distinct_values"] <= 8
+        acc[key] = metrics["test_acc"]
+    assert acc["seed"] < 0.5 and acc["recal"] > 0.8, acc
