@@ -175,6 +175,7 @@ def test_reproduce_collects_only_the_runs_its_command_launched(tmp_path: Path) -
 
     cmd = table_overrides("table3_2", "smoke", [])
     assert sweep_keys("table3_2") == {"quant", "nbits"}
+    assert sweep_keys("table3_2_bnrecal") == {"quant", "nbits"}  # inherited from table3_2
     run("nbits=2,quant=asym", ["quant=asym", "nbits=2", *cmd])
     run("nbits=2,quant=asym,trainer=gpu", ["quant=asym", "nbits=2", *cmd, "trainer=gpu"])
     run("nbits=2,optim.lr=0.1,quant=asym", ["quant=asym", "nbits=2", "optim.lr=0.1", *cmd])
