@@ -46,6 +46,9 @@ def validate(cfg: DictConfig) -> None:
                 f"prune.ramp_epochs={ramp} is longer than prune.epochs={epochs}: the target sparsity "
                 "would never be reached (lower ramp_epochs or raise trainer.max_epochs)"
             )
+        if cfg.prune.method == "oneshot" and ramp != 0:
+            raise ValueError(f"prune.ramp_epochs={ramp} is not allowed for prune=oneshot (it prunes once, at the start): "
+                             "use prune=iterative for a ramp")
         if cfg.prune.method != "oneshot" and ramp == 0:
             raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={cfg.prune.method}: use prune=oneshot")
 

@@ -99,6 +99,7 @@ def test_config_hash_follows_the_weights_content_not_paths(hydra_compose, tmp_pa
         (["nbits=1"], "nbits"),
         (["prune=global", "prune.sparsity=1.5"], "prune.sparsity"),
         (["prune=iterative", "ramp_epochs=0"], "ramp_epochs"),
+        (["prune=oneshot", "prune.ramp_epochs=2"], "prune.ramp_epochs=2 is not allowed for prune=oneshot"),
         (["prune=iterative", "trainer.max_epochs=3"], "ramp_epochs"),
         (["trainer.max_epochs=-1"], "trainer.max_epochs"),
         (["data.eval_batch_size=0"], "data.eval_batch_size"),
