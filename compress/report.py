@@ -348,6 +348,13 @@ def shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
+def size_text(value: object) -> str:
+    """A size column's cell: bytes as integers, ratio and bits/weight to 2 decimals."""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "—" if value is None else str(value)
+
+
 def write_report(dirs: list[Path], out: Path, notes: list[str] = ()) -> Path:
     """Write ``report.md``, ``report.csv`` and figures for the runs under ``dirs`` into ``out``; returns report.md.
 
@@ -408,7 +415,7 @@ def write_report(dirs: list[Path], out: Path, notes: list[str] = ()) -> Path:
         size = m.get("size") if isinstance(m.get("size"), dict) else {}
         md.append(f"| `{rel}` | {job.budget} | {job.prune} | {job.quant} | {job.nbits if job.nbits is not None else '—'} | "
                   f"{stages or '—'} | {tables} | {fmt(dig(m, ('test_acc',)), 'acc')} | {m.get('wall_time_s') or 0:.0f} |"
-                  + ("".join(f" {size.get(k, '—')} |" for k in size_keys) if sized else ""))
+                  + ("".join(f" {size_text(size.get(k))} |" for k in size_keys) if sized else ""))
         csv_rows += [[job.budget, "size", rel, k, size[k], 1, None, None, "", rel] for k in size_keys if k in size]
 
     md += ["", "## Figures", ""]

@@ -102,7 +102,7 @@ def test_tables(sweep: Path, tmp_path: Path) -> None:
     # Traceability: each row names its run dirs; the run list shows the size fields.
     assert "`full/nbits=4,quant=asym`, `full/nbits=4,quant=sym,seed=0`, `full/nbits=4,quant=sym,seed=1` |" in md
     assert ("| `full/nbits=2,prune=global,quant=asym` | full | global | asym | 2 | prune 2 | 3.4 | 0.3500 | 10 "
-            "| — | — | 12.5 | 2.56 |") in md
+            "| — | — | 12.50 | 2.56 |") in md
     assert "| `full/prune=oneshot,quant=sym` | full | oneshot | sym | 4 | prune 2 | none |" in md
     # Missing runs are listed with why, and what they would have been.
     missing = md.split("## Missing or incomplete runs")[1].split("## Runs")[0]
