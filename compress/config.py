@@ -12,7 +12,7 @@ from compress.checkpoint import source_id
 from compress.data import resolve_eval_batch
 from compress.export import FP_DTYPES
 from compress.prune import check_sparsity
-from compress.quant import MODES, check_nbits
+from compress.quant import MODES, check_clip, check_nbits
 
 PRUNE_METHODS = ("none", "oneshot", "iterative", "global")
 
@@ -37,6 +37,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.quant.mode != "none":
         _count("quant.epochs", cfg.quant.epochs)
         _count("quant.bn_recalibration", cfg.quant.bn_recalibration)
+        check_clip(cfg.quant.clip)
     if cfg.prune.method != "none":
         check_sparsity(cfg.prune.sparsity)
         epochs = _count("prune.epochs", cfg.prune.epochs)

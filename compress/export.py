@@ -70,7 +70,7 @@ from torch import nn
 from compress.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from compress.layers import block_convs, prunable_layers
 from compress.models.resnet import resnet20
-from compress.quant import check_mode, check_nbits
+from compress.quant import check_mode, check_nbits, code_range
 
 MAGIC = b"CMPK"
 VERSION = 1
@@ -157,13 +157,6 @@ def delta_decode(symbols: np.ndarray, width: int, numel: int) -> np.ndarray:
 # ------------------------------------------------------------------------ quantization grid
 
 
-def _code_range(mode: str, nbits: int) -> tuple[int, int]:
-    """Integer level range of the quantizer (``k`` in ``value = k * scale + offset``)."""
-    if mode == "asym":
-        return 0, 2**nbits - 1
-    return -(2 ** (nbits - 1) - 1), 2 ** (nbits - 1) - 1
-
-
 def dequantize(levels: np.ndarray, scale: float, offset: float) -> torch.Tensor:
     """``levels * scale + offset`` in float32, the same two roundings as ``compress.quant``."""
     k = torch.from_numpy(np.asarray(levels, dtype=np.float32))
@@ -190,7 +183,7 @@ def _try_grid(values: np.ndarray, scale: float, offset: float, lo: int, hi: int)
 def _grid_candidates(u: np.ndarray, mode: str, nbits: int, zeros: bool) -> Iterator[tuple[float, float]]:
     """``(offset, scale estimate)`` pairs to try, most likely first (``u``: sorted distinct
     nonzero float32 values; ``zeros``: whether the tensor also holds zeros)."""
-    top = _code_range(mode, nbits)[1]
+    top = code_range(mode, nbits)[1]
     f32 = np.float32
     if mode == "sym":
         for k in range(top, 0, -1):  # largest |value| on level k (k < top: odd tensors only)
@@ -217,7 +210,7 @@ def fit_grid(values: torch.Tensor, mode: str, nbits: int, zeros: bool = False) -
     too, nearest first. Raises ``ValueError`` if no candidate reproduces all values bit for bit.
     """
     u = np.unique(values.detach().cpu().numpy().astype(np.float32).reshape(-1))
-    lo, hi = _code_range(mode, nbits)
+    lo, hi = code_range(mode, nbits)
     if u.size == 0:
         return 1.0, 0.0
     for offset, estimate in _grid_candidates(u, mode, nbits, zeros):
@@ -306,7 +299,7 @@ def _encode_quant(name: str, w: torch.Tensor, mode: str, nbits: int) -> Record:
         scale, offset = fit_grid(flat[torch.from_numpy(nonzero)], mode, nbits, zeros=not nonzero.all())
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    lo, hi = _code_range(mode, nbits)
+    lo, hi = code_range(mode, nbits)
     arr = flat.numpy()
     levels = np.clip(np.round((arr.astype(np.float64) - offset) / scale), lo, hi).astype(np.int64)
     on_grid = dequantize(levels, scale, offset).numpy() == arr  # zeros may be off the grid (asym)

@@ -7,6 +7,11 @@ The quantizers follow the seed report's semantics:
 - ``sym``: ``scale = max|w| / (2^(n-1) - 1)``, ``w_q = round(w / scale) * scale``
   (``2^n - 1`` levels symmetric around zero).
 
+``clip="mse"`` (a stronger recipe, not the seed's) shrinks that range per tensor to
+``clip * [min, max]`` (``clip * max|w|``), weights beyond it rounding to the end levels, with
+``clip`` the factor that minimizes the quantization error of the tensor's nonzero weights; it is
+chosen once, when the quantizer is installed, and kept while fine-tuning moves the weights.
+
 Weights that are exactly zero stay exactly zero, so pruned weights stay pruned. The backward
 pass is the straight-through estimator: the gradient w.r.t. the latent weight is the identity
 (pruned weights get no gradient from the pruning mask that comes before the quantizer).
@@ -30,6 +35,8 @@ from compress.layers import bake, block_convs, network, with_parametrization
 Mode = Literal["sym", "asym"]
 MODES: tuple[str, ...] = ("sym", "asym")
 NBITS_RANGE: tuple[int, int] = (2, 8)
+CLIPS: tuple[str, ...] = ("minmax", "mse")
+CLIP_GRID = torch.linspace(0.2, 1.0, 41).tolist()  # range factors the mse search tries
 
 
 def check_nbits(nbits: object) -> int:
@@ -47,53 +54,75 @@ def check_mode(mode: object) -> str:
     return mode  # type: ignore[return-value]
 
 
-def quant_params(w: torch.Tensor, mode: Mode, nbits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor ``(scale, offset)`` so that ``w_q = code * scale + offset``."""
+def check_clip(clip: object) -> str:
+    """Return ``clip`` or raise ``ValueError`` naming it and the allowed values."""
+    if clip not in CLIPS:
+        raise ValueError(f"quant.clip={clip!r} is not allowed: use one of {', '.join(CLIPS)}")
+    return clip
+
+
+def quant_params(w: torch.Tensor, mode: Mode, nbits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor ``(scale, offset)`` so that ``w_q = code * scale + offset``, for the range
+    ``clip * [min, max]`` (asym) or ``clip * max|w|`` (sym)."""
     if mode == "asym":
-        lo, hi = w.min(), w.max()
+        lo, hi = w.min() * clip, w.max() * clip
         scale, offset = (hi - lo) / (2**nbits - 1), lo
     else:
-        scale, offset = w.abs().max() / (2 ** (nbits - 1) - 1), torch.zeros_like(w.flatten()[0])
+        scale, offset = w.abs().max() * clip / (2 ** (nbits - 1) - 1), torch.zeros_like(w.flatten()[0])
     return scale.clamp_min(torch.finfo(w.dtype).tiny), offset
 
 
-def quantize_codes(w: torch.Tensor, mode: Mode, nbits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes of ``w`` and its ``(scale, offset)``: ``asym`` codes are in ``0..2^n-1``,
-    ``sym`` codes in ``-(2^(n-1)-1)..2^(n-1)-1``."""
-    scale, offset = quant_params(w, mode, nbits)
-    return torch.round((w - offset) / scale), scale, offset
+def code_range(mode: Mode, nbits: int) -> tuple[int, int]:
+    """Smallest and largest integer code: ``0..2^n-1`` (asym), ``-(2^(n-1)-1)..2^(n-1)-1`` (sym)."""
+    return (0, 2**nbits - 1) if mode == "asym" else (-(2 ** (nbits - 1) - 1), 2 ** (nbits - 1) - 1)
 
 
-def quantize(w: torch.Tensor, mode: Mode, nbits: int) -> torch.Tensor:
+def quantize_codes(
+    w: torch.Tensor, mode: Mode, nbits: int, clip: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes of ``w`` (in :func:`code_range`) and its ``(scale, offset)``."""
+    scale, offset = quant_params(w, mode, nbits, clip)
+    return torch.round((w - offset) / scale).clamp(*code_range(mode, nbits)), scale, offset
+
+
+def quantize(w: torch.Tensor, mode: Mode, nbits: int, clip: float = 1.0) -> torch.Tensor:
     """Quantize-dequantize ``w`` (no gradient tricks); exact zeros stay zero."""
-    codes, scale, offset = quantize_codes(w, mode, nbits)
+    codes, scale, offset = quantize_codes(w, mode, nbits, clip)
     return torch.where(w == 0, torch.zeros_like(w), codes * scale + offset)
+
+
+@torch.no_grad()
+def mse_clip(w: torch.Tensor, mode: Mode, nbits: int) -> float:
+    """The factor of :data:`CLIP_GRID` whose clipped range quantizes ``w``'s nonzero weights
+    with the least squared error."""
+    errors = [float(((quantize(w, mode, nbits, c) - w)[w != 0] ** 2).sum()) for c in CLIP_GRID]
+    return CLIP_GRID[errors.index(min(errors))]
 
 
 class _StraightThrough(torch.autograd.Function):
     """``quantize`` forward (bit-exact levels), identity backward."""
 
     @staticmethod
-    def forward(ctx: object, w: torch.Tensor, mode: Mode, nbits: int) -> torch.Tensor:
-        return quantize(w, mode, nbits)
+    def forward(ctx: object, w: torch.Tensor, mode: Mode, nbits: int, clip: float) -> torch.Tensor:
+        return quantize(w, mode, nbits, clip)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad, None, None, None
 
 
 class FakeQuant(nn.Module):
-    """Parametrization: forward is ``quantize(w)``, backward is straight-through."""
+    """Parametrization: forward is ``quantize(w, clip=clip)``, backward is straight-through."""
 
-    def __init__(self, mode: Mode, nbits: int) -> None:
+    def __init__(self, mode: Mode, nbits: int, clip: float = 1.0) -> None:
         super().__init__()
-        self.mode, self.nbits = check_mode(mode), check_nbits(nbits)
+        self.mode, self.nbits, self.clip = check_mode(mode), check_nbits(nbits), clip
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(w, self.mode, self.nbits)
+        return _StraightThrough.apply(w, self.mode, self.nbits, self.clip)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, nbits={self.nbits}"
+        return f"mode={self.mode}, nbits={self.nbits}, clip={self.clip:g}"
 
 
 class QuantizationCallback(pl.Callback):
@@ -107,10 +136,12 @@ class QuantizationCallback(pl.Callback):
     Args:
         mode: ``"sym"`` or ``"asym"`` (see the module docstring for the formulas).
         nbits: bit width, 2..8.
+        clip: ``"minmax"`` (the seed's full range) or ``"mse"`` (per tensor, the range factor
+            that minimizes the quantization error, found at install).
     """
 
-    def __init__(self, mode: Mode, nbits: int) -> None:
-        self.mode, self.nbits = check_mode(mode), check_nbits(nbits)
+    def __init__(self, mode: Mode, nbits: int, clip: str = "minmax") -> None:
+        self.mode, self.nbits, self.clip = check_mode(mode), check_nbits(nbits), check_clip(clip)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.install(network(pl_module))
@@ -130,7 +161,8 @@ class QuantizationCallback(pl.Callback):
         if with_parametrization(model, FakeQuant):
             return
         for m in self.check(model).values():
-            parametrize.register_parametrization(m, "weight", FakeQuant(self.mode, self.nbits))
+            factor = mse_clip(m.weight, self.mode, self.nbits) if self.clip == "mse" else 1.0
+            parametrize.register_parametrization(m, "weight", FakeQuant(self.mode, self.nbits, factor))
 
     @staticmethod
     def remove(model: nn.Module) -> None:

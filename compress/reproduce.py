@@ -31,7 +31,7 @@ from compress.train import hardware
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TABLES = ("table3_1", "table3_2", "table3_3", "table3_4")
 # Stronger recipes, run only when named in --tables (each beside the seed-faithful table it extends).
-RECIPES = ("table3_2_bnrecal",)
+RECIPES = ("table3_2_bnrecal", "table3_2_strong", "table3_3_strong", "table3_4_strong")
 
 
 def git_commit(out: Path) -> str:

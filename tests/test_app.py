@@ -104,6 +104,7 @@ def test_config_hash_follows_the_weights_content_not_paths(hydra_compose, tmp_pa
         (["trainer.max_epochs=-1"], "trainer.max_epochs"),
         (["data.eval_batch_size=0"], "data.eval_batch_size"),
         (["quant=asym", "quant.bn_recalibration=-1"], "quant.bn_recalibration"),
+        (["quant=sym", "quant.clip=max"], "quant.clip='max' is not allowed"),
     ],
 )
 def test_validate_rejects_composed(hydra_compose, overrides: list[str], message: str) -> None:

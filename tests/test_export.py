@@ -74,6 +74,8 @@ CASES = {
     "prune": (True, None),
     "prune+asym4": (True, ("asym", 4)),
     "prune+sym3": (True, ("sym", 3)),
+    "asym2-mse": (False, ("asym", 2, "mse")),  # clipped ranges: the extremes are clipped levels
+    "prune+sym2-mse": (True, ("sym", 2, "mse")),
 }
 
 

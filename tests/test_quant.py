@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.layers import block_convs, with_parametrization
-from compress.quant import FakeQuant, QuantizationCallback, check_mode, check_nbits, quantize, quantize_codes
+from compress.layers import block_convs, weight_parametrization, with_parametrization
+from compress.quant import (
+    CLIP_GRID, FakeQuant, QuantizationCallback, check_mode, check_nbits, code_range, mse_clip, quantize, quantize_codes,
+)
 from compress.stats import distinct_values
 
 NBITS = range(2, 9)
@@ -242,3 +244,37 @@ def test_remove_bakes_plain_quantized_weights(resnet: nn.Module, block_names: se
     counts = distinct_values(resnet)
     assert set(counts) == block_names and max(counts.values()) <= limit
     assert "weight" in dict(resnet.layer1[0].conv1.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["sym", "asym"])
+@pytest.mark.parametrize("nbits", [2, 3, 4])
+def test_mse_clip_lowers_the_error_and_keeps_the_grid(mode: str, nbits: int) -> None:
+    torch.manual_seed(nbits)
+    w = torch.randn(64, 32, 3, 3) * 0.05
+    w[w.abs() < 0.01] = 0  # pruned weights stay exactly zero
+    clip = mse_clip(w, mode, nbits)
+    assert clip in CLIP_GRID and clip < 1.0  # a Gaussian's tails are not worth their levels
+    q, q_full = quantize(w, mode, nbits, clip), quantize(w, mode, nbits)
+    err = lambda x: float(((x - w)[w != 0] ** 2).sum())  # noqa: E731
+    assert err(q) < err(q_full)
+    assert torch.all(q[w == 0] == 0)
+    assert torch.unique(q[w != 0]).numel() <= 2**nbits
+    codes, scale, offset = quantize_codes(w, mode, nbits, clip)
+    lo, hi = code_range(mode, nbits)
+    assert codes.min() == lo and codes.max() == hi  # the clipped extremes sit on the end levels
+    torch.testing.assert_close(torch.where(w == 0, 0.0, codes * scale + offset), q)
+
+
+def test_minmax_is_the_seeds_range_and_clip_validates() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(1000)
+    assert torch.equal(quantize(w, "asym", 3, 1.0), quantize(w, "asym", 3))
+    assert QuantizationCallback("asym", 3).clip == "minmax"
+    with pytest.raises(ValueError, match="quant.clip='max' is not allowed: use one of minmax, mse"):
+        QuantizationCallback("asym", 3, "max")
+
+
+def test_mse_callback_installs_a_clip_per_tensor(resnet: torch.nn.Module) -> None:
+    QuantizationCallback("asym", 2, "mse").install(resnet)
+    clips = {n: weight_parametrization(m, FakeQuant).clip for n, m in block_convs(resnet).items()}
+    assert len(clips) == 18 and all(c < 1.0 for c in clips.values()), clips
