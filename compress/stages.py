@@ -148,8 +148,12 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
         ))
     keep = lambda m: [PruningCallback(0.0, masks=m)] if m else []  # noqa: E731 - keeps a loaded model's zeros
     if quant.mode != "none":
-        recalibrate = lambda: [BatchNormRecalibration(quant.bn_recalibration)] if quant.bn_recalibration else []  # noqa: E731
-        stages.append(Stage("quant", quant.epochs, lambda m: [*keep(m), QuantizationCallback(quant.mode, cfg.nbits, quant.clip), *recalibrate()]))
+        def quant_callbacks(m: dict[str, torch.Tensor]) -> list[pl.Callback]:
+            """Masks kept, fake quantization, then BatchNorm re-estimation if asked for."""
+            recalibrate = [BatchNormRecalibration(quant.bn_recalibration)] if quant.bn_recalibration else []
+            return [*keep(m), QuantizationCallback(quant.mode, cfg.nbits, quant.clip), *recalibrate]
+
+        stages.append(Stage("quant", quant.epochs, quant_callbacks))
     if not stages:
         stages.append(Stage("finetune", cfg.trainer.max_epochs, keep))
     return stages
