@@ -32,6 +32,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 TABLES = ("table3_1", "table3_2", "table3_3", "table3_4")
 # Stronger recipes, run only when named in --tables (each beside the seed-faithful table it extends).
 RECIPES = ("table3_2_bnrecal", "table3_2_strong", "table3_3_strong", "table3_4_strong")
+CHOICES = TABLES + RECIPES
 
 
 def git_commit(out: Path) -> str:
@@ -81,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compress.reproduce", description=__doc__.splitlines()[0])
     p.add_argument("--budget", choices=("smoke", "full"), default="smoke")
     p.add_argument("--tables", default=",".join(TABLES),
-                   help=f"comma-separated subset of {', '.join(TABLES + RECIPES)} (default: the seed's four)")
+                   help=f"comma-separated subset of {', '.join(CHOICES)} (default: the seed's four)")
     p.add_argument("--out", type=Path, help="where the report goes (default: multirun/reproduce/<budget>)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every table (after --)")
     a = p.parse_args(argv)
     tables = [t.strip() for t in a.tables.split(",")]
-    unknown = [t for t in tables if t not in TABLES + RECIPES]
+    unknown = [t for t in tables if t not in CHOICES]
     if unknown:
-        print(f"error: --tables {','.join(unknown)} is not allowed: use {', '.join(TABLES + RECIPES)}", file=sys.stderr)
+        print(f"error: --tables {','.join(unknown)} is not allowed: use {', '.join(CHOICES)}", file=sys.stderr)
         return 2
     out = a.out or Path("multirun/reproduce") / a.budget
     t0, commit = time.time(), git_commit(out)
