@@ -104,10 +104,14 @@ def save_checkpoint(path: Path, model: nn.Module, masks: dict[str, torch.Tensor]
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temp file next to ``path``, then rename it into place."""
+    """Call ``write(file)`` on a temp file next to ``path``, then rename it into place, readable
+    by everyone (0644 less the umask; ``mkstemp`` alone leaves 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fd, 0o644 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

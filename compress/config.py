@@ -17,6 +17,17 @@ from compress.quant import MODES, check_clip, check_nbits
 PRUNE_METHODS = ("none", "oneshot", "iterative", "global")
 
 
+def cpu_precision() -> str:
+    """Lightning precision for CPU training: ``bf16-mixed`` where the CPU has native bf16
+    (AVX-512 BF16 or AMX: about 2x the fp32 step rate on ResNet-20), else ``32-true``."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16-mixed" if native else "32-true"
+
+
+if not OmegaConf.has_resolver("cpu_precision"):
+    OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
+
+
 def _count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}={value!r} is not allowed: use an integer >= 0")

@@ -355,11 +355,13 @@ def size_text(value: object) -> str:
     return "—" if value is None else str(value)
 
 
-def write_report(dirs: list[Path], out: Path, notes: list[str] = ()) -> Path:
+def write_report(dirs: list[Path], out: Path, notes: list[str] = (), pending: list[str] = ()) -> Path:
     """Write ``report.md``, ``report.csv`` and figures for the runs under ``dirs`` into ``out``; returns report.md.
 
-    ``notes`` are extra markdown lines for the header (e.g. the command that made the runs)."""
+    ``notes`` are extra markdown lines for the header (e.g. the command that made the runs);
+    ``pending`` names expected runs that have no run dir yet (listed as missing, not started)."""
     common, runs, missing = find_runs([Path(d) for d in dirs])
+    missing += [(rel, "not started yet", None) for rel in pending]
     runs.sort(key=lambda r: r[0])
     cells = gather(runs, missing)
     out = Path(out)

@@ -1,21 +1,32 @@
 """Reproduce every seed table in order and publish one report: ``python -m compress.reproduce``.
 
     python -m compress.reproduce --budget smoke            # a CPU machine: minutes a table
-    python -m compress.reproduce --budget full             # the seed's epochs (use a GPU)
+    python -m compress.reproduce --budget full --out multirun/published/full   # hours: resumable
     python -m compress.reproduce --budget full -- trainer=gpu compile=true
     python -m compress.reproduce --tables table3_2_bnrecal --out multirun/published/bnrecal   # a stronger recipe
+    python -m compress.reproduce --budget full --out multirun/published/full --report-only   # publish what is done
 
 Runs ``experiment=table3_1`` .. ``table3_4`` (3.1 first: its global-pruning stage is reused
-from the stage cache by 3.4), each a Hydra multirun under ``multirun/<table>/<budget>/``
-(finished runs are skipped, so an interrupted reproduction resumes). Then copies every run's
-``metrics.json`` and ``.hydra/`` config into ``<out>/runs/`` and writes ``<out>/report.md``
-from those copies, with the command, budget, hardware, commit and wall time in its header:
-the published report and the numbers it cites travel together.
+from the stage cache by 3.4), each a Hydra multirun under ``$COMPRESS_RUNS/<table>/<budget>/``
+(default ``multirun/``). After each table it copies every run's ``metrics.json``, ``.hydra/``
+config and packed ``model.cpk`` into ``<out>/runs/`` and rewrites ``<out>/report.md`` from
+those copies, with the command, budget, hardware, commit and wall time in its header and the
+runs not finished yet listed as missing: the published report and the numbers it cites travel
+together, and a long reproduction can be published piece by piece.
+
+Nothing finished is computed twice: a run whose ``metrics.json`` holds the same config hash is
+skipped by ``compress.train``; runs present only in ``<out>/runs/`` (a fresh clone of a
+published reproduction) are copied back into the sweep dir first, and a published single-stage
+pruning run refills the stage cache (``$COMPRESS_CACHE``) that the quantization tables reuse.
+A run killed mid-stage resumes from its last epoch's checkpoint in its run dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -25,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from compress.checkpoint import Checkpoint, save_checkpoint
+from compress.layers import prunable_layers
 from compress.report import write_report
 from compress.train import hardware
 
@@ -33,6 +46,17 @@ TABLES = ("table3_1", "table3_2", "table3_3", "table3_4")
 # Stronger recipes, run only when named in --tables (each beside the seed-faithful table it extends).
 RECIPES = ("table3_2_bnrecal", "table3_2_strong", "table3_3_strong", "table3_4_strong")
 CHOICES = TABLES + RECIPES
+RUN_FILES = ("metrics.json", "model.cpk")  # what a published run keeps besides its .hydra/ config
+
+
+def runs_root() -> Path:
+    """Where the sweeps write their run dirs: ``$COMPRESS_RUNS`` or ``multirun``."""
+    return Path(os.environ.get("COMPRESS_RUNS", "multirun"))
+
+
+def cache_root() -> Path:
+    """The pruning-stage cache: ``$COMPRESS_CACHE`` or ``multirun/.stages`` (as ``conf/config.yaml``)."""
+    return Path(os.environ.get("COMPRESS_CACHE", "multirun/.stages"))
 
 
 def git_commit(out: Path) -> str:
@@ -40,7 +64,11 @@ def git_commit(out: Path) -> str:
     where the report is written), or ``unknown``."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){out}"], capture_output=True, text=True).stdout
+        top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip())
+        inside = out.resolve().is_relative_to(top.resolve())
+        exclude = [f":(exclude){out.resolve().relative_to(top.resolve())}"] if inside else []
+        dirty = subprocess.run(["git", "-C", str(top), "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],
+                               capture_output=True, text=True, check=True).stdout
         return rev + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -51,19 +79,40 @@ def table_overrides(table: str, budget: str, overrides: list[str]) -> list[str]:
     return [f"experiment={table}", f"budget={budget}", *overrides]
 
 
-def sweep_keys(table: str) -> set[str]:
-    """The keys ``conf/experiment/<table>.yaml`` sweeps over (``hydra.sweeper.params``), or
-    those of the experiment it extends (its first ``defaults`` entry) if it sets none."""
-    exp = yaml.safe_load((CONF / "experiment" / f"{table}.yaml").read_text())
+def _experiment(table: str) -> dict:
+    return yaml.safe_load((CONF / "experiment" / f"{table}.yaml").read_text())
+
+
+def sweep_params(table: str) -> dict[str, str]:
+    """``hydra.sweeper.params`` of ``conf/experiment/<table>.yaml``, or of the experiment it
+    extends (its first ``defaults`` entry) if it sets none."""
+    exp = _experiment(table)
     params = (exp.get("hydra") or {}).get("sweeper", {}).get("params")
     if params is None:
-        return sweep_keys(next(d for d in exp["defaults"] if d != "_self_"))
-    return set(params)
+        return sweep_params(next(d for d in exp["defaults"] if d != "_self_"))
+    return {k: str(v) for k, v in params.items()}
+
+
+def sweep_keys(table: str) -> set[str]:
+    """The keys the experiment sweeps over."""
+    return set(sweep_params(table))
+
+
+def expected_runs(table: str, overrides: list[str]) -> list[str]:
+    """The run dir names (Hydra's ``override_dirname``) of every job of ``table``'s sweep."""
+    excluded = set(yaml.safe_load((CONF / "config.yaml").read_text())["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"])
+    extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    params = sweep_params(table)
+    names = []
+    for values in itertools.product(*(v.split(",") for v in params.values())):
+        names.append(",".join(sorted([*extra, *(f"{k}={v.strip()}" for k, v in zip(params, values))])))
+    return names
 
 
 def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str]) -> int:
-    """Copy the ``metrics.json`` (if any) and ``.hydra/`` of each run in ``sweep`` that this
-    command launched (its overrides are ``launched`` plus swept keys only) into ``dest``."""
+    """Copy the ``metrics.json`` and ``model.cpk`` (if any) and ``.hydra/`` of each run in
+    ``sweep`` that this command launched (its overrides are ``launched`` plus swept keys only)
+    into ``dest``; returns how many finished runs were copied."""
     n = 0
     for hydra_dir in sorted(sweep.glob("*/.hydra")):
         overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
@@ -73,9 +122,66 @@ def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str]) -> in
         run, target = hydra_dir.parent, dest / hydra_dir.parent.name
         shutil.copytree(hydra_dir, target / ".hydra", dirs_exist_ok=True)
         if (run / "metrics.json").is_file():
-            shutil.copy2(run / "metrics.json", target / "metrics.json")
+            for name in RUN_FILES:
+                if (run / name).is_file():
+                    shutil.copy2(run / name, target / name)
             n += 1
     return n
+
+
+def restore(published: Path, sweep: Path) -> int:
+    """Copy finished runs that exist only in ``published`` (a reproduction's ``runs/<table>``)
+    back into the ``sweep`` dir, so ``compress.train`` finds and skips them; returns how many."""
+    n = 0
+    for metrics in sorted(published.glob("*/metrics.json")):
+        run, target = metrics.parent, sweep / metrics.parent.name
+        if (target / "metrics.json").is_file():
+            continue
+        shutil.copytree(run / ".hydra", target / ".hydra", dirs_exist_ok=True)
+        for name in RUN_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, target / name)
+        n += 1
+    return n
+
+
+def restore_stage(run: Path, cache: Path) -> bool:
+    """Refill the stage cache from a finished single-stage pruning run (its final model is the
+    stage's output): weights from ``model.cpk``, masks = its nonzero weights. Returns whether
+    an entry was written."""
+    from compress.export import load  # heavy; only needed here
+
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        (stage,) = metrics["stages"]
+        key = stage["cache_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not key or stage.get("name") != "prune" or (cache / key / "result.json").is_file() or not (run / "model.cpk").is_file():
+        return False
+    model = load(run / "model.cpk")
+    masks = {n: m.weight.detach() != 0 for n, m in prunable_layers(model).items()}
+    entry, tmp = cache / key, cache / f".{key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp / "model.pt", model, masks, {"stage": "prune", "restored_from": str(run)})
+    (tmp / "result.json").write_text(json.dumps({**stage, "cached": False}, indent=1))
+    shutil.rmtree(entry, ignore_errors=True)
+    tmp.rename(entry)
+    return True
+
+
+def publish(out: Path, tables: list[str], budget: str, overrides: list[str], notes: list[str]) -> Path:
+    """Re-collect every table's runs into ``<out>/runs/`` and write the report, listing the
+    runs not started yet."""
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    copied, pending = {}, []
+    for t in tables:
+        dest = out / "runs" / t
+        copied[t] = collect(runs_root() / t / budget, dest, table_overrides(t, budget, overrides), sweep_keys(t))
+        pending += [f"{t}/{name}" for name in expected_runs(t, overrides) if not (dest / name / ".hydra").is_dir()]
+    notes = [*notes, f"- Runs copied into `runs/`: {', '.join(f'{t} {n}' for t, n in copied.items())}."]
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    return write_report([out / "runs"], out, notes, pending)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", default=",".join(TABLES),
                    help=f"comma-separated subset of {', '.join(CHOICES)} (default: the seed's four)")
     p.add_argument("--out", type=Path, help="where the report goes (default: multirun/reproduce/<budget>)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: publish the runs finished so far")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every table (after --)")
     a = p.parse_args(argv)
     tables = [t.strip() for t in a.tables.split(",")]
@@ -93,25 +200,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = a.out or Path("multirun/reproduce") / a.budget
     t0, commit = time.time(), git_commit(out)
-    failed = []
-    for table in tables:
+    for t in tables:
+        sweep = runs_root() / t / a.budget
+        restored = restore(out / "runs" / t, sweep)
+        refilled = sum(restore_stage(run, cache_root()) for run in sorted(sweep.glob("*")) if run.is_dir())
+        if restored or refilled:
+            print(f"{t}: {restored} finished runs restored from {out / 'runs' / t}, {refilled} pruning stages to the cache", flush=True)
+    command = shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])])
+    hw = hardware()
+
+    def notes(wall: float, failed: list[str]) -> list[str]:
+        lines = [f"- Command: `{command}` at commit `{commit}`, budget `{a.budget}`.",
+                 f"- Machine: {hw['device']}, {hw['threads']} threads; torch {hw['torch']}; wall time of this reproduction "
+                 f"{wall / 60:.1f} min (runs already finished before it started were skipped, see their own wall times)."]
+        if failed:
+            lines.append(f"- **Incomplete**: runs of {', '.join(failed)} failed; they are listed as missing below.")
+        return lines
+
+    failed: list[str] = []
+    for i, table in enumerate([] if a.report_only else tables):
         cmd = [sys.executable, "-m", "compress.train", *table_overrides(table, a.budget, a.overrides)]
         print("+", shlex.join(cmd[1:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(table)
-    wall = time.time() - t0
-    shutil.rmtree(out / "runs", ignore_errors=True)
-    copied = {t: collect(Path("multirun") / t / a.budget, out / "runs" / t, table_overrides(t, a.budget, a.overrides), sweep_keys(t))
-              for t in tables}
-    command = shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])])
-    hw = hardware()
-    notes = [f"- Command: `{command}` at commit `{commit}`, budget `{a.budget}`.",
-             f"- Machine: {hw['device']}, {hw['threads']} threads; torch {hw['torch']}; wall time of this reproduction {wall / 60:.1f} min "
-             "(runs already finished before it started were skipped, see their own wall times).",
-             f"- Runs copied into `runs/`: {', '.join(f'{t} {n}' for t, n in copied.items())}."]
-    if failed:
-        notes.append(f"- **Incomplete**: runs of {', '.join(failed)} failed; they are listed as missing below.")
-    report = write_report([out / "runs"], out, notes)
+        if i + 1 < len(tables):  # the report so far, so a long reproduction can be published table by table
+            publish(out, tables, a.budget, a.overrides, notes(time.time() - t0, failed))
+    report = publish(out, tables, a.budget, a.overrides, notes(time.time() - t0, failed))
     print(f"report written to {report}")
     if failed:
         print(f"error: {', '.join(failed)} failed (see above); finished runs are kept, re-run to resume", file=sys.stderr)

@@ -1,0 +1,146 @@
+"""Re-check published runs from their artifacts: ``python -m compress.verify multirun/published/full``.
+
+For every run dir under the given paths (a dir holding ``metrics.json``) it rebuilds the model
+from the packed ``model.cpk``, evaluates it in fp32 on the CIFAR-10 test set read straight from
+the official pickle files (``$COMPRESS_DATA`` or ``--data``; no code of the training pipeline),
+and checks it against the run's ``metrics.json``:
+
+- test accuracy within ``--tol`` (default 0.001);
+- per-layer sparsity as recorded, and at least the target: every layer for layer-wise pruning
+  (``oneshot``, ``iterative``), all conv/linear weights together for ``global``;
+- per quantized tensor, the distinct nonzero values as recorded and at most ``2^nbits``.
+
+One line per run, then a summary; exit 1 if any run fails a check, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.export import load
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the checkpoint's normalization
+LAYER_WISE = ("oneshot", "iterative")
+
+
+def test_set(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10k CIFAR-10 test images (normalized float32, NCHW) and labels from ``test_batch``."""
+    path = root / "cifar-10-batches-py" / "test_batch"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no CIFAR-10 test batch (set COMPRESS_DATA or --data to a torchvision CIFAR-10 root)")
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    x = torch.from_numpy(np.asarray(batch["data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x, torch.tensor(batch["labels"])
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 accuracy of ``model`` (eval mode, fp32) on ``x, y``."""
+    model.eval().float()
+    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
+    return correct / len(y)
+
+
+def layer_stats(model: nn.Module) -> tuple[dict[str, float], dict[str, int], int]:
+    """Per conv/linear layer: fraction of zero weights, distinct nonzero values; and the total
+    weight count."""
+    zeros, distinct, total = {}, {}, 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight.detach()
+            zeros[name] = float((w == 0).sum()) / w.numel()
+            distinct[name] = int(torch.unique(w[w != 0]).numel())
+            total += w.numel()
+    return zeros, distinct, total
+
+
+def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[bool, str]:
+    """Re-check one run; returns (passed, a one-line summary with what failed)."""
+    m: dict[str, Any] = json.loads((run / "metrics.json").read_text())
+    if not (run / "model.cpk").is_file():
+        return False, "no model.cpk"
+    model = load(run / "model.cpk")
+    problems = []
+    acc = accuracy(model, x, y)
+    if abs(acc - m["test_acc"]) > tol:
+        problems.append(f"test acc {acc:.4f} != metrics {m['test_acc']:.4f}")
+    zeros, distinct, total = layer_stats(model)
+    recorded = (m.get("sparsity") or {}).get("layers") or {}
+    if recorded and any(abs(zeros[n] - s) > 1e-9 for n, s in recorded.items()):
+        problems.append("per-layer sparsity differs from metrics.json")
+    prune = m["config"]["prune"]
+    overall = sum(zeros[n] * model.get_submodule(n).weight.numel() for n in zeros) / total
+    if prune["method"] in LAYER_WISE:
+        short = [n for n, s in zeros.items() if s < prune["sparsity"]]
+        if short:
+            problems.append(f"{len(short)} layers under {prune['sparsity']:.0%} sparsity ({short[0]} {zeros[short[0]]:.4f})")
+    elif prune["method"] == "global" and overall < prune["sparsity"]:
+        problems.append(f"overall sparsity {overall:.4f} < {prune['sparsity']}")
+    quant = m["choices"]["quant"]
+    nbits = m["choices"]["nbits"]
+    worst = None
+    if quant != "none":
+        recorded_q = m.get("distinct_values") or {}
+        over = {n: distinct[n] for n in recorded_q if distinct[n] > 2**nbits}
+        if over:
+            problems.append(f"{len(over)} tensors with more than {2**nbits} values ({next(iter(over))} {next(iter(over.values()))})")
+        if any(distinct[n] != v for n, v in recorded_q.items()):
+            problems.append("distinct values differ from metrics.json")
+        worst = max((distinct[n] for n in recorded_q), default=0)
+    line = (f"acc {acc:.4f} (metrics {m['test_acc']:.4f})  sparsity {overall:.3f}"
+            + (f"  max distinct {worst}/{2**nbits}" if worst is not None else ""))
+    return not problems, line + ("  FAIL: " + "; ".join(problems) if problems else "")
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run dirs (holding ``metrics.json``) under ``paths``, sorted."""
+    runs = set()
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or directory")
+        runs |= {f.parent for f in ([p / "metrics.json"] if (p / "metrics.json").is_file() else p.rglob("metrics.json"))}
+    return sorted(runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m compress.verify", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", type=Path, help="published reproductions or run dirs")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("COMPRESS_DATA", "data/cifar10")),
+                   help="torchvision CIFAR-10 root (default: $COMPRESS_DATA)")
+    p.add_argument("--tol", type=float, default=0.001, help="allowed |accuracy - metrics.json test_acc|")
+    a = p.parse_args(argv)
+    try:
+        runs = find_runs(a.paths)
+        if not runs:
+            raise FileNotFoundError(f"no run dir (with metrics.json) under {', '.join(map(str, a.paths))}")
+        x, y = test_set(a.data)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    common = Path(os.path.commonpath([r.resolve() for r in runs])) if len(runs) > 1 else runs[0].resolve().parent
+    for run in runs:
+        try:
+            ok, line = check_run(run, x, y, a.tol)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ok, line = False, f"FAIL: {type(e).__name__}: {e}"
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {run.resolve().relative_to(common)}  {line}", flush=True)
+    print(f"{len(runs) - failed} of {len(runs)} runs verified" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
