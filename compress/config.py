@@ -65,8 +65,24 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={cfg.prune.method}: use prune=oneshot")
 
 
-# Settings that change where things are kept or whether a run is redone, not what it computes.
-NOT_HASHED = ("stage_cache", "resume")
+# Settings that change where things are kept, what is shown or whether a run is redone, not
+# what it computes.
+NOT_HASHED = ("stage_cache", "resume", "progress", "logger")
+# Options added after runs were published, at the value that computes exactly what the code
+# computed before they existed: left out of the hash there, so adding an option keeps finished
+# runs valid (a new option must be added here with its neutral value). Dotted key -> value.
+NEUTRAL: dict[str, object] = {}
+
+
+def drop_neutral(c: dict) -> None:
+    """Remove the keys of :data:`NEUTRAL` from the plain config ``c`` where they hold the neutral value."""
+    for key, value in NEUTRAL.items():
+        *path, last = key.split(".")
+        node = c
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and node[last] == value:
+            del node[last]
 
 
 def digest(obj: object) -> str:
@@ -80,4 +96,5 @@ def config_hash(cfg: DictConfig) -> str:
     c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_HASHED}
     c["model"]["pretrained"] = source_id(cfg.model.pretrained)
     c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    drop_neutral(c)
     return digest(c)

@@ -32,7 +32,7 @@ from torch import nn
 
 from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
-from compress.config import config_hash, digest
+from compress.config import config_hash, digest, drop_neutral
 from compress.layers import bake
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback, current_masks
@@ -162,6 +162,7 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
 def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
     """Hash of everything the pruning stage's result depends on."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    drop_neutral(c)
     data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": data, "trainer": c["trainer"],
             "optim": c["optim"], "prune": c["prune"], "seed": c["seed"], "version": 1}
