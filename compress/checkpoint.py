@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.models import arch_of
+
 FORMAT = "compress-checkpoint"
 VERSION = 1
 
@@ -57,13 +59,17 @@ def _read(source: str) -> Any:
         except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a hash mismatch
             raise ValueError(
                 f"model.pretrained={source!r} could not be downloaded and verified ({type(e).__name__}: {e}); "
-                "offline, point model.pretrained or COMPRESS_PRETRAINED at a local copy"
+                "offline, point model.pretrained at a local copy, or COMPRESS_WEIGHTS at a directory holding the "
+                "published files (ResNet-20: also COMPRESS_PRETRAINED at its file)"
             ) from None
     path = _local(source)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise ValueError(f"model.pretrained={source!r} is not a readable checkpoint: {type(e).__name__}: {e}") from None
+    except Exception as e:  # torch raises many types for a corrupt file; its messages run over many lines
+        raise ValueError(
+            f"model.pretrained={source!r} is not a checkpoint this tool can read ({type(e).__name__}): give a "
+            "state_dict saved with torch.save, a model.pt of an earlier run, or a published .th file"
+        ) from None
 
 
 def load_checkpoint(source: str) -> Checkpoint:
@@ -79,11 +85,14 @@ def load_checkpoint(source: str) -> Checkpoint:
 
 def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str) -> None:
     """Load ``ckpt`` into ``model`` strictly, with an error naming what does not match."""
-    own = model.state_dict()
+    own, want, found = model.state_dict(), getattr(model, "arch", type(model).__name__), arch_of(ckpt.state_dict)
+    if found and found != want:
+        raise ValueError(f"model.pretrained={source!r} holds {found} weights, not {want}'s: "
+                         f"give the weights of {want} (or choose model={found})")
     # shapes first: load_state_dict raises a bare RuntimeError on them even with strict=False
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt.state_dict.items()
               if k in own and own[k].shape != v.shape]
-    what = f"model.pretrained={source!r} does not match {type(model).__name__}"
+    what = f"model.pretrained={source!r} does not match {want}"
     if shapes:
         raise ValueError(f"{what}: wrong shape {shapes[:3]}")
     result = model.load_state_dict(ckpt.state_dict, strict=False)

@@ -11,6 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from compress.checkpoint import source_id
 from compress.data import resolve_eval_batch
 from compress.export import FP_DTYPES
+from compress.loggers import check_loggers
+from compress.models import ARCHS
+from compress.models.weights import published_weights
+from compress.progress import check_progress
 from compress.prune import check_sparsity
 from compress.quant import MODES, check_clip, check_nbits
 
@@ -26,6 +30,22 @@ def cpu_precision() -> str:
 
 if not OmegaConf.has_resolver("cpu_precision"):
     OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
+if not OmegaConf.has_resolver("min"):
+    OmegaConf.register_new_resolver("min", min)
+
+DEFAULT_MODEL = "resnet20"
+
+
+def model_tag(model: str) -> str:
+    """What run and sweep dir names add to ``<name>`` for ``model``: nothing for ResNet-20
+    (its dirs predate the model family), else ``-<model>``, so two models never share a dir."""
+    return "" if model == DEFAULT_MODEL else f"-{model}"
+
+
+if not OmegaConf.has_resolver("model_tag"):
+    OmegaConf.register_new_resolver("model_tag", model_tag)
+if not OmegaConf.has_resolver("published_weights"):
+    OmegaConf.register_new_resolver("published_weights", published_weights)
 
 
 def _count(name: str, value: object) -> int:
@@ -37,6 +57,10 @@ def _count(name: str, value: object) -> int:
 def validate(cfg: DictConfig) -> None:
     """Raise ``ValueError`` naming the first bad value in ``cfg`` and what is allowed."""
     check_nbits(cfg.nbits)
+    check_progress(cfg.progress)
+    check_loggers(cfg.get("logger"))
+    if cfg.model.name not in ARCHS:
+        raise ValueError(f"model.name={cfg.model.name!r} is not allowed: use one of {', '.join(ARCHS)}")
     if cfg.quant.mode not in ("none", *MODES):
         raise ValueError(f"quant.mode={cfg.quant.mode!r} is not allowed: use one of none, {', '.join(MODES)}")
     if cfg.prune.method not in PRUNE_METHODS:
@@ -71,7 +95,12 @@ NOT_HASHED = ("stage_cache", "resume", "progress", "logger")
 # Options added after runs were published, at the value that computes exactly what the code
 # computed before they existed: left out of the hash there, so adding an option keeps finished
 # runs valid (a new option must be added here with its neutral value). Dotted key -> value.
-NEUTRAL: dict[str, object] = {}
+NEUTRAL: dict[str, object] = {
+    "trainer.limit_train_batches": 1.0,
+    "trainer.limit_val_batches": 1.0,
+    "trainer.limit_test_batches": 1.0,
+    "model.name": DEFAULT_MODEL,
+}
 
 
 def drop_neutral(c: dict) -> None:

@@ -8,6 +8,7 @@ device the data lives on (``data.device``: ``auto`` puts it on the trainer's dev
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -20,16 +21,43 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def check_root(root: Path) -> None:
-    """Raise ``FileNotFoundError`` unless ``root`` holds CIFAR-10 in torchvision's layout."""
+DOWNLOADS = ("auto", True, False)
+
+
+def default_root() -> Path:
+    """Where CIFAR-10 is downloaded when no root is given: ``$XDG_CACHE_HOME/compress/cifar10``
+    (``~/.cache/compress/cifar10``), next to torch.hub's cache of the weights."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "compress" / "cifar10"
+
+
+def missing_file(root: Path) -> Path | None:
+    """The first CIFAR-10 batch file that ``root`` (torchvision's layout) lacks, or None."""
     batches = root / "cifar-10-batches-py"
     needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    missing = [n for n in needed if not (batches / n).is_file()]
+    return next((batches / n for n in needed if not (batches / n).is_file()), None)
+
+
+def check_root(root: Path) -> None:
+    """Raise ``FileNotFoundError`` unless ``root`` holds CIFAR-10 in torchvision's layout."""
+    missing = missing_file(root)
     if missing:
         raise FileNotFoundError(
-            f"data.root={str(root)!r} does not hold CIFAR-10 (missing {batches}/{missing[0]}): "
+            f"data.root={str(root)!r} does not hold CIFAR-10 (missing {missing}): "
             "point data.root or COMPRESS_DATA at a torchvision CIFAR10 root, or set data.download=true"
         )
+
+
+def download(root: Path) -> None:
+    """Fetch CIFAR-10 into ``root`` with torchvision (md5-checked); ``ValueError`` in one line if it fails."""
+    try:
+        for train in (True, False):
+            CIFAR10(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a failed md5 check
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"could not download CIFAR-10 into {str(root)!r} ({reason}): offline, put the official "
+            f"cifar-10-batches-py folder there, or set COMPRESS_DATA (or data.root) to a CIFAR-10 root"
+        ) from None
 
 
 def load_split(root: Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +169,10 @@ class CIFAR10Data(pl.LightningDataModule):
     """CIFAR-10 with a seeded validation split carved out of the training set.
 
     Args:
-        root: torchvision CIFAR-10 root (the config defaults it to ``$COMPRESS_DATA``).
-        download: fetch the dataset (with torchvision's md5 checks) if it is missing.
+        root: torchvision CIFAR-10 root (the config defaults it to ``$COMPRESS_DATA``); None:
+            :func:`default_root`.
+        download: fetch the dataset (with torchvision's md5 checks) if it is missing: ``True``,
+            ``False``, or ``auto`` (only into the default root, when no root is given).
         batch_size: training batch size.
         eval_batch_size: batch size for validation and test, or ``auto`` (see :func:`resolve_eval_batch`).
         val_size: images of the training set held out for validation (0: none).
@@ -154,8 +184,8 @@ class CIFAR10Data(pl.LightningDataModule):
 
     def __init__(
         self,
-        root: str = "data/cifar10",
-        download: bool = False,
+        root: str | None = None,
+        download: bool | str = "auto",
         batch_size: int = 128,
         eval_batch_size: int | str = "auto",
         val_size: int = 5000,
@@ -164,20 +194,19 @@ class CIFAR10Data(pl.LightningDataModule):
         train_subset: int = 0,
     ) -> None:
         super().__init__()
-        self.root, self.download = Path(root).expanduser(), download
+        if download not in DOWNLOADS:
+            raise ValueError(f"data.download={download!r} is not allowed: use auto, true or false")
+        self.download = download is True or (download == "auto" and root is None)
+        self.root = Path(root).expanduser() if root is not None else default_root()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.seed, self.device, self.train_subset = val_size, seed, device, train_subset
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check(self) -> None:
-        """Fail early, naming the root, if the data is not there and may not be downloaded."""
-        if not self.download:
-            check_root(self.root)
-
-    def prepare_data(self) -> None:
-        if self.download:
-            CIFAR10(str(self.root), train=True, download=True)
-            CIFAR10(str(self.root), train=False, download=True)
+        """Download the data if it is missing and allowed, else fail early naming the root."""
+        if self.download and missing_file(self.root):
+            download(self.root)
+        check_root(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

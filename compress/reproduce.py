@@ -24,6 +24,7 @@ A run killed mid-stage resumes from its last epoch's checkpoint in its run dir.
 from __future__ import annotations
 
 import argparse
+from importlib import resources
 import itertools
 import json
 import os
@@ -41,7 +42,7 @@ from compress.layers import prunable_layers
 from compress.report import write_report
 from compress.train import hardware
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = resources.files("compress.conf")  # conf/ of the checkout, shipped in the package
 TABLES = ("table3_1", "table3_2", "table3_3", "table3_4")
 # Stronger recipes, run only when named in --tables (each beside the seed-faithful table it extends).
 RECIPES = ("table3_2_bnrecal", "table3_2_strong", "table3_3_strong", "table3_4_strong")

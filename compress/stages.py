@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -33,8 +33,11 @@ from torch import nn
 from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.config import config_hash, digest, drop_neutral
+from compress.interrupt import EpochCheckpoint, Interrupted
 from compress.layers import bake
+from compress.loggers import make_loggers
 from compress.module import Classifier, CompileNetwork
+from compress.progress import ProgressLog, check_progress
 from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback
 
@@ -87,11 +90,18 @@ class History(pl.Callback):
         self.rows.append(row)
 
 
-def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out_dir: Path) -> pl.Trainer:
-    """A Lightning Trainer from ``cfg.trainer`` for a stage of ``epochs`` epochs."""
+def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out_dir: Path, stage: str = "") -> pl.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` for ``epochs`` epochs of ``stage`` (none: a test
+    pass), with the progress display and, when it trains, the loggers the config asks for."""
+    progress = check_progress(cfg.progress)
+    training = bool(stage) and epochs > 0
+    loggers = make_loggers(cfg.logger, out_dir, stage) if training else []
+    shown = [ProgressLog(stage)] if training and progress == "log" else []
+    lr = [LearningRateMonitor("epoch")] if loggers else []
     return instantiate(
-        cfg.trainer, max_epochs=epochs, callbacks=callbacks, default_root_dir=str(out_dir),
+        cfg.trainer, max_epochs=epochs, callbacks=[*callbacks, *shown, *lr], default_root_dir=str(out_dir),
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=progress == "bar", logger=loggers or False,
     )
 
 
@@ -116,21 +126,25 @@ def run_stage(
     module = Classifier(model, **cfg.optim)
     history = History()
     ckpt_dir = out_dir / "checkpoints" / f"{stage.name}-{config_hash(cfg)}"
-    # save_top_k=1 without a monitor rewrites one file every epoch; save_last alone with
-    # save_top_k=0 would write last.ckpt only when training ends, too late to resume from.
-    saver = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
     compiling = [CompileNetwork()] if cfg.compile else []
-    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), *compiling, history, saver], out_dir)
-    before = test(trainer, module, datamodule)
-    if stage.epochs > 0:
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file():
-            log.info("stage %s resumes from %s", stage.name, last)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), *compiling, history, EpochCheckpoint(ckpt_dir)],
+                           out_dir, stage.name)
+    last = ckpt_dir / "last.ckpt"
+    try:
+        before = test(trainer, module, datamodule)
+        log.info("stage %s: test acc %.4f before fine-tuning", stage.name, before["acc"])
+        if stage.epochs > 0:
+            if last.is_file():
+                log.info("stage %s resumes from %s", stage.name, last)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    except Interrupted as e:
+        raise e.at(stage.name, trainer.current_epoch + 1, stage.epochs, last)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     masks = current_masks(model)
     bake(model)
     after = test(make_trainer(cfg, 0, [], out_dir), module, datamodule) if stage.epochs > 0 else None
+    if after:
+        log.info("stage %s: test acc %.4f after %d epochs of fine-tuning", stage.name, after["acc"], stage.epochs)
     result = StageResult(stage.name, stage.epochs, before, after, history.rows, time.time() - t0, cache_key=stage.cache_key)
     return result, masks
 

@@ -30,6 +30,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from compress.checkpoint import Checkpoint, apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
 from compress.config import config_hash, validate
 from compress.export import save as save_artifact
+from compress.interrupt import Interrupted, stop_on_signals
+from compress.progress import duration
 from compress.quant import QuantizationCallback
 from compress.stages import run_stages
 from compress.stats import distinct_values, sparsity
@@ -90,12 +92,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     metrics = {
         "config_hash": digest,
         "choices": {"prune": cfg.prune.method, "quant": cfg.quant.mode, "nbits": cfg.nbits if quantized else None,
-                    "name": cfg.name, "seed": cfg.seed},
+                    "name": cfg.name, "seed": cfg.seed, "model": cfg.model.name},
         "before_ft": final.before,
         "after_ft": final.after,
         "test_acc": (final.after or final.before)["acc"],
         "test_loss": (final.after or final.before)["loss"],
-        "sparsity": sparsity(model) if masks else None,
+        "sparsity": sparsity(model),
         "quantized_tensors": len(distinct),
         "max_distinct_values": max(distinct.values(), default=None),
         "distinct_values": distinct,
@@ -108,11 +110,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     }
     atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # stale ones of other configs, if any
-    log.info("test acc %.4f (before fine-tuning %.4f) -> %s", metrics["test_acc"], final.before["acc"], metrics_path)
+    log.info("done in %s: test acc %.4f (before fine-tuning %.4f); results in %s", duration(metrics["wall_time_s"]),
+             metrics["test_acc"], final.before["acc"], out_dir)
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://compress.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Hydra task: run one job, turning a user error into one line and exit status 2.
 
@@ -121,14 +124,33 @@ def main(cfg: DictConfig) -> None:
     """
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning.utilities._pytree")
+    # A resumed stage writes its checkpoints where the interrupted one did, on purpose; tiny
+    # budgets have fewer batches than the logging interval.
+    warnings.filterwarnings("ignore", message=".*(exists and is not empty|smaller than the logging interval).*")
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        with stop_on_signals():
+            run(cfg, out_dir)
+    except Interrupted as e:
+        log.debug("interrupted", exc_info=True)
+        print(f"error: {e.message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except USER_ERRORS as e:
         log.debug("failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:  # the sweep's report lists the run as missing, from its .hydra/ config
             raise
+        discard_failed(out_dir)
         sys.exit(2)
+
+
+def discard_failed(out_dir: Path) -> None:
+    """Remove the run dir of a single run that failed before it had anything to keep (no
+    metrics.json, no checkpoint to resume from), so no empty run dir is left behind."""
+    if not (out_dir / "metrics.json").exists() and not any((out_dir / "checkpoints").glob("*/last.ckpt")):
+        logging.shutdown()  # closes train.log
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ with a message naming the bad value, a non-zero exit and no metrics.json."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import subprocess
 import sys
@@ -100,7 +101,10 @@ def test_config_hash_follows_the_weights_content_not_paths(hydra_compose, tmp_pa
         (["prune=global", "prune.sparsity=1.5"], "prune.sparsity"),
         (["prune=iterative", "ramp_epochs=0"], "ramp_epochs"),
         (["prune=oneshot", "prune.ramp_epochs=2"], "prune.ramp_epochs=2 is not allowed for prune=oneshot"),
-        (["prune=iterative", "trainer.max_epochs=3"], "ramp_epochs"),
+        (["prune=iterative", "trainer.max_epochs=3", "prune.ramp_epochs=5"], "ramp_epochs"),
+        (["progress=loud"], "progress='loud' is not allowed"),
+        pytest.param(["logger=wandb"], "logger=wandb needs the wandb package: pip install wandb",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")),
         (["trainer.max_epochs=-1"], "trainer.max_epochs"),
         (["data.eval_batch_size=0"], "data.eval_batch_size"),
         (["quant=asym", "quant.bn_recalibration=-1"], "quant.bn_recalibration"),
@@ -148,6 +152,8 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def failures(run_apps, paths: dict[str, Path]) -> dict:
+    # no network for the download cases, whatever the machine has: proxies that refuse at once
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
     return run_apps({
         "nbits": ["quant=asym", "nbits=9"],
         "quant": ["quant=foo"],
@@ -160,7 +166,8 @@ def failures(run_apps, paths: dict[str, Path]) -> dict:
         "nothing": ["quant=asym", "model.net._target_=torch.nn.Identity"],
         "corrupt_data": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['weights']}", "trainer.max_epochs=0"],
         "offline": [f"data.root={paths['fake_data']}", "model.pretrained=https://127.0.0.1:9/resnet20-12fca82f.th"],
-    })
+        "download": [f"data.root={paths['empty']}", "data.download=true", f"model.pretrained={paths['weights']}"],
+    }, env=offline)
 
 
 def assert_failed(proc, *needles: str) -> str:
@@ -170,6 +177,10 @@ def assert_failed(proc, *needles: str) -> str:
         assert needle in out, f"{needle!r} not in output:\n{out}"
     assert not (proc.run_dir / "metrics.json").exists()
     assert not (proc.run_dir / "model.pt").exists()
+    if proc.returncode == 2:  # our own one-line errors (Hydra's own, for unknown options, exit 1)
+        assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [proc.stderr.strip()], proc.stderr
+        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+        assert not proc.run_dir.exists()  # a failed single run leaves no empty run dir behind
     return out
 
 
@@ -200,8 +211,14 @@ def test_missing_data_root(failures, paths) -> None:
 
 def test_bad_pretrained(failures, paths) -> None:
     proc = failures["garbage"]
-    assert_failed(proc, "model.pretrained", str(paths["garbage"]))
-    assert "Traceback" not in proc.stderr
+    assert_failed(proc, "model.pretrained", str(paths["garbage"]), "is not a checkpoint this tool can read")
+    assert "weights_only" not in proc.stderr  # torch's advice to unpickle anything is the wrong fix here
+
+
+def test_offline_download(failures, paths) -> None:
+    proc = failures["download"]
+    assert_failed(proc, "could not download CIFAR-10 into", str(paths["empty"]), "COMPRESS_DATA")
+    assert proc.returncode == 2
 
 
 def test_checkpoint_of_another_shape(failures, paths) -> None:
