@@ -1,0 +1,162 @@
+"""A reproduction in pieces: finished runs restored from a published copy, the pruning stage
+refilled from it, runs not started listed; and ``compress.verify`` re-checking artifacts."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from compress.checkpoint import Checkpoint, load_checkpoint
+from compress.export import save
+from compress.layers import bake
+from compress.models import resnet20
+from compress.prune import PruningCallback, current_masks
+from compress.quant import QuantizationCallback
+from compress.reproduce import expected_runs, publish, restore, restore_stage
+from compress.stats import distinct_values, sparsity
+from compress.verify import MEAN, STD
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_expected_runs_are_hydras_dir_names() -> None:
+    assert expected_runs("table3_4", []) == [f"nbits={n},prune=global,quant=asym" for n in (5, 4, 3, 2)]
+    assert expected_runs("table3_1", ["trainer=gpu", "progress=none"])[0] == "prune=none,trainer=gpu"
+    assert len(expected_runs("table3_2_strong", [])) == 10  # inherited from table3_2
+
+
+def fake_run(root: Path, name: str, overrides: list[str], files: dict[str, str]) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    for f, text in files.items():
+        (run / f).write_text(text)
+    return run
+
+
+def test_published_runs_are_restored_and_the_report_lists_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs"))
+    out = tmp_path / "published"
+    launched = ["experiment=table3_3", "budget=full"]
+    fake_run(out / "runs" / "table3_3", "nbits=5,quant=asym", ["quant=asym", "nbits=5", *launched],
+             {"metrics.json": "{}", "model.cpk": "artifact"})
+    sweep = tmp_path / "runs" / "table3_3" / "full"
+    assert restore(out / "runs" / "table3_3", sweep) == 1
+    assert (sweep / "nbits=5,quant=asym" / "model.cpk").read_text() == "artifact"
+    assert restore(out / "runs" / "table3_3", sweep) == 0  # already there: left alone
+
+    report = publish(out, ["table3_3"], "full", [], ["- a note"]).read_text()
+    assert (out / "runs" / "table3_3" / "nbits=5,quant=asym" / "model.cpk").is_file()
+    for n in (4, 3, 2):
+        assert f"`table3_3/nbits={n},quant=asym`: not started yet" in report
+    assert "- a note" in report
+
+
+def test_a_published_pruning_run_refills_the_stage_cache(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = resnet20()
+    PruningCallback(0.8, "global").install(model)
+    masks = current_masks(model)
+    bake(model)
+    run = tmp_path / "prune=global"
+    run.mkdir()
+    save(Checkpoint(model.state_dict(), masks, {"quant": None}), run / "model.cpk")
+    stage = {"name": "prune", "epochs": 20, "before": {"acc": 0.9, "loss": 0.3}, "after": {"acc": 0.88, "loss": 0.4},
+             "history": [], "wall_s": 1.0, "cached": False, "cache_key": "abc123"}
+    (run / "metrics.json").write_text(json.dumps({"stages": [stage]}))
+
+    assert restore_stage(run, tmp_path / "cache")
+    entry = load_checkpoint(str(tmp_path / "cache" / "abc123" / "model.pt"))
+    assert set(entry.masks) == set(masks) and all(torch.equal(entry.masks[k], masks[k]) for k in masks)
+    assert all(torch.equal(entry.state_dict[k], v) for k, v in model.state_dict().items())
+    assert json.loads((tmp_path / "cache" / "abc123" / "result.json").read_text())["after"]["acc"] == 0.88
+    assert not restore_stage(run, tmp_path / "cache")  # there already
+
+
+# --- compress.verify ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CIFAR-10 root whose test batch holds 200 random images."""
+    root = tmp_path_factory.mktemp("cifar")
+    (root / "cifar-10-batches-py").mkdir()
+    rng = np.random.default_rng(0)
+    batch = {"data": rng.integers(0, 256, (200, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, 200).tolist()}
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    return root
+
+
+def accuracy_on(root: Path, model: nn.Module) -> float:
+    """The accuracy compress.train would record, computed here its own way (uint8 -> normalized)."""
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        b = pickle.load(f)
+    x = torch.tensor(b["data"]).view(-1, 3, 32, 32).float() / 255
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1) == torch.tensor(b["labels"])).float().mean())
+
+
+@pytest.fixture
+def verified_run(tmp_path: Path, tiny_cifar: Path) -> Path:
+    """A pruned (layer-wise 80%) + 3-bit asym run dir with a truthful metrics.json."""
+    torch.manual_seed(0)
+    model = resnet20()
+    PruningCallback(0.8, "layer").install(model)
+    masks = current_masks(model)
+    QuantizationCallback("asym", 3).install(model)
+    bake(model)
+    run = tmp_path / "table3_4" / "nbits=3"
+    run.mkdir(parents=True)
+    save(Checkpoint(model.state_dict(), masks, {"quant": {"mode": "asym", "nbits": 3}}), run / "model.cpk")
+    distinct = distinct_values(model)
+    metrics = {"test_acc": accuracy_on(tiny_cifar, model), "sparsity": sparsity(model), "distinct_values": distinct,
+               "choices": {"quant": "asym", "nbits": 3},
+               "config": {"prune": {"method": "oneshot", "sparsity": 0.8}}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def verify(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress.verify", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_verify_passes_a_truthful_run_and_fails_a_tampered_one(verified_run: Path, tiny_cifar: Path) -> None:
+    ok = verify(str(verified_run.parent), "--data", str(tiny_cifar))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    line = ok.stdout.splitlines()[0]
+    assert line.startswith("ok   nbits=3  acc ") and int(line.split("max distinct ")[1].split("/8")[0]) <= 8
+    assert ok.stdout.splitlines()[-1] == "1 of 1 runs verified"
+
+    m = json.loads((verified_run / "metrics.json").read_text())
+    m["test_acc"] += 0.01
+    m["distinct_values"]["layer1.0.conv1"] = 5
+    (verified_run / "metrics.json").write_text(json.dumps(m))
+    bad = verify(str(verified_run), "--data", str(tiny_cifar))
+    assert bad.returncode == 1
+    assert "FAIL" in bad.stdout and "test acc" in bad.stdout and "distinct values differ" in bad.stdout
+
+
+def test_verify_bad_input_is_one_line(tmp_path: Path) -> None:
+    proc = verify(str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory"
+
+
+@pytest.mark.slow
+def test_verify_published_full_budget_runs(data_root: Path) -> None:
+    """Two published full-budget artifacts re-evaluated from scratch on the real test set."""
+    runs = REPO / "multirun" / "published" / "full" / "runs" / "table3_2"
+    proc = verify(str(runs / "nbits=4,quant=asym"), str(runs / "nbits=2,quant=sym"), "--data", str(data_root))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "2 of 2 runs verified"
