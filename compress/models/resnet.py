@@ -1,11 +1,15 @@
-"""ResNet-20 for CIFAR-10 (He et al. 2016, section 4.2) with option-A shortcuts.
+"""CIFAR-10 ResNets (He et al. 2016, section 4.2) with option-A shortcuts: ResNet-20/32/44/56.
 
-Module and parameter names match the published checkpoint of Idelbayev's
-``pytorch_resnet_cifar10`` (``conv1``, ``bn1``, ``layer{1,2,3}.{0,1,2}``, ``linear``), so its
-``state_dict`` loads as is once the ``module.`` prefix is stripped.
+Module and parameter names match the published checkpoints of Idelbayev's
+``pytorch_resnet_cifar10`` (``conv1``, ``bn1``, ``layer{1,2,3}.{0..n-1}``, ``linear``), so their
+``state_dict`` loads as is once the ``module.`` prefix is stripped. A depth-``6n+2`` network has
+``n`` basic blocks per stage; :data:`ARCHS` names the published ones.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +45,7 @@ class ResNet(nn.Module):
 
     def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10) -> None:
         super().__init__()
+        self.blocks_per_stage = blocks_per_stage
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages, in_planes = [], 16
@@ -56,6 +61,11 @@ class ResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
+    @property
+    def arch(self) -> str:
+        """The architecture's name, ``resnet<6n+2>``."""
+        return f"resnet{6 * self.blocks_per_stage + 2}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
@@ -66,3 +76,37 @@ class ResNet(nn.Module):
 def resnet20(num_classes: int = 10) -> ResNet:
     """ResNet-20: 3 blocks per stage, about 0.27M parameters."""
     return ResNet(blocks_per_stage=3, num_classes=num_classes)
+
+
+def resnet32(num_classes: int = 10) -> ResNet:
+    """ResNet-32: 5 blocks per stage, about 0.46M parameters."""
+    return ResNet(blocks_per_stage=5, num_classes=num_classes)
+
+
+def resnet44(num_classes: int = 10) -> ResNet:
+    """ResNet-44: 7 blocks per stage, about 0.66M parameters."""
+    return ResNet(blocks_per_stage=7, num_classes=num_classes)
+
+
+def resnet56(num_classes: int = 10) -> ResNet:
+    """ResNet-56: 9 blocks per stage, about 0.85M parameters."""
+    return ResNet(blocks_per_stage=9, num_classes=num_classes)
+
+
+ARCHS = {f.__name__: f for f in (resnet20, resnet32, resnet44, resnet56)}
+
+
+def build(arch: str, num_classes: int = 10) -> ResNet:
+    """A fresh network by name (one of :data:`ARCHS`); ``ValueError`` naming the allowed ones."""
+    if arch not in ARCHS:
+        raise ValueError(f"architecture {arch!r} is not known: use one of {', '.join(ARCHS)}")
+    return ARCHS[arch](num_classes)
+
+
+def arch_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The ``resnet<6n+2>`` whose parameter names ``state_dict`` has (counting the blocks of
+    ``layer1``), or None if it is not such a ResNet."""
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.fullmatch(r"layer1\.(\d+)\.conv1\.weight", k))}
+    if "linear.weight" not in state_dict or not blocks or blocks != set(range(len(blocks))):
+        return None
+    return f"resnet{6 * len(blocks) + 2}"

@@ -1,0 +1,217 @@
+"""The artifact file: header, manifest and records; writing it, reading it back, its size report.
+
+Layout (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic b"CMPK"
+    4       2     format version (u16), currently 1
+    6       4     payload length in bytes (u32)
+    10      4     CRC-32 of the payload (u32, zlib.crc32)
+    14      ...   payload:
+                    u32 manifest length, zlib-compressed JSON manifest
+                      {"arch", "num_classes", "quant", "fp_dtype", "tensors": [[name, shape], ...]}
+                    one record per manifest tensor, in manifest order (see ``records``)
+
+``arch`` names the network (``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``), told from
+the checkpoint's parameter names when it is written. Version 1 always had the field; before the
+model family it could only say ``resnet20``, so every earlier artifact loads as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.checkpoint import Checkpoint, atomic_write
+from compress.export.records import (FP_DTYPES, LAYOUT_NAMES, Reader, Record, decode_values, encode_float,
+                                         encode_int, encode_quant)
+from compress.layers import block_convs, prunable_layers
+from compress.models import ARCHS, ResNet, arch_of, build
+from compress.quant import check_mode, check_nbits
+
+MAGIC = b"CMPK"
+VERSION = 1
+HEADER = struct.Struct("<4sHII")  # magic, version, payload length, crc32(payload)
+SUFFIX = ".cpk"
+
+
+def quant_meta(ckpt: Checkpoint) -> tuple[str, int] | None:
+    """``(mode, nbits)`` the checkpoint's block convs were quantized with, or None."""
+    q = (ckpt.meta or {}).get("quant")
+    if not q:
+        return None
+    return check_mode(q.get("mode")), check_nbits(q.get("nbits"))
+
+
+def reference(ckpt: Checkpoint) -> ResNet:
+    """A fresh network of the architecture the checkpoint holds (one of
+    :data:`compress.models.ARCHS`, told by its parameter names), ``ValueError`` naming any mismatch."""
+    sd = ckpt.state_dict
+    arch = arch_of(sd)
+    if arch not in ARCHS:
+        raise ValueError(f"checkpoint is not one of the CIFAR ResNets ({', '.join(ARCHS)}): "
+                         f"{'it has no linear.weight or layer1.0.conv1.weight' if arch is None else arch}")
+    model = build(arch, int(sd["linear.weight"].shape[0]))
+    ref = model.state_dict()
+    missing = [k for k in ref if k not in sd]
+    unexpected = [k for k in sd if k not in ref]
+    shapes = [k for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint does not match {arch}({model.linear.out_features}): missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
+    return model
+
+
+def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
+    """The artifact, its records, and the bytes before the first record (header + manifest)."""
+    if fp_dtype not in FP_DTYPES:
+        raise ValueError(f"fp_dtype={fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
+    model = reference(ckpt)
+    quant = quant_meta(ckpt)
+    quantized = {f"{n}.weight" for n in block_convs(model)} if quant else set()
+    records = []
+    for name, t in ckpt.state_dict.items():
+        t = t.detach().cpu()
+        if not t.is_floating_point():
+            records.append(encode_int(name, t))
+        elif name in quantized:
+            records.append(encode_quant(name, t, *quant))
+        else:
+            records.append(encode_float(name, t, FP_DTYPES[fp_dtype]))
+    manifest = {
+        "arch": model.arch,
+        "num_classes": model.linear.out_features,
+        "quant": {"mode": quant[0], "nbits": quant[1]} if quant else None,
+        "fp_dtype": fp_dtype,
+        "tensors": [[n, list(t.shape)] for n, t in ckpt.state_dict.items()],
+    }
+    packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+    payload = b"".join([struct.pack("<I", len(packed)), packed, *(r.head + r.index + r.values for r in records)])
+    artifact = HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
+    _check_round_trip(artifact, ckpt, records)
+    return artifact, records, HEADER.size + 4 + len(packed)
+
+
+def _check_round_trip(artifact: bytes, ckpt: Checkpoint, records: list[Record]) -> None:
+    """Fail loudly unless decoding ``artifact`` gives back the checkpoint (fp16: as rounded)."""
+    _, tensors = _decode(artifact)
+    for rec in records:
+        want = ckpt.state_dict[rec.name].detach().cpu()
+        want = want.half().float() if rec.lossy else want
+        if not torch.equal(tensors[rec.name].to(want.dtype), want):
+            raise RuntimeError(f"export bug: {rec.name} does not round-trip exactly")
+
+
+def export(ckpt: Checkpoint, fp_dtype: str = "float32") -> bytes:
+    """The packed artifact of a baked checkpoint (see the module docstring for the layout).
+
+    ``fp_dtype`` ("float32" or "float16") is how unquantized floats are stored; in float32
+    mode the reloaded weights equal the checkpoint's exactly. Raises ``ValueError`` if the
+    checkpoint is not a CIFAR ResNet or its quantized tensors are not on their grid.
+    """
+    return _encode(ckpt, fp_dtype)[0]
+
+
+def _split(data: bytes) -> bytes:
+    """Check the header and checksum of ``data``; return its payload."""
+    if len(data) < HEADER.size:
+        raise ValueError(f"truncated artifact: {len(data)} bytes, the header alone is {HEADER.size}")
+    magic, version, length, crc = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"bad magic {magic!r}: not a compress artifact (expected {MAGIC!r})")
+    if version != VERSION:
+        raise ValueError(f"unsupported artifact version {version} (this code reads {VERSION})")
+    payload = data[HEADER.size:]
+    if len(payload) < length:
+        raise ValueError(f"truncated artifact: header says {length} payload bytes, only {len(payload)} present")
+    if len(payload) > length:
+        raise ValueError(f"corrupt artifact: header says {length} payload bytes, found {len(payload)}")
+    if zlib.crc32(payload) != crc:
+        raise ValueError(f"checksum mismatch: the artifact is corrupt (crc32 {zlib.crc32(payload):08x}, header {crc:08x})")
+    return payload
+
+
+def _decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and the decoded tensors of an artifact."""
+    r = Reader(_split(data))
+    (mlen,) = r.unpack("<I")
+    try:
+        manifest = json.loads(zlib.decompress(r.take(mlen)))
+        tensors_meta = [(str(n), tuple(int(d) for d in s)) for n, s in manifest["tensors"]]
+    except (zlib.error, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"malformed artifact manifest: {e}") from None
+    tensors = {}
+    for name, shape in tensors_meta:
+        r.what = f"record {name!r}"
+        tensors[name] = decode_values(int(np.prod(shape, dtype=np.int64)), r).reshape(shape)
+    if r.pos != len(r.data):
+        raise ValueError(f"malformed artifact: {len(r.data) - r.pos} bytes left after the last record")
+    return manifest, tensors
+
+
+def load(source: bytes | bytearray | memoryview | str | os.PathLike) -> ResNet:
+    """Rebuild the plain network an artifact records (``manifest["arch"]``, e.g. ``resnet56``;
+    artifacts written before the model family say ``resnet20``), in eval mode, from its bytes
+    or file path.
+
+    Raises ``ValueError`` with the reason for a corrupt, truncated or wrong-version artifact.
+    """
+    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+    manifest, tensors = _decode(data)
+    arch = manifest.get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"artifact holds a {arch!r}, this code rebuilds {', '.join(ARCHS)}")
+    try:
+        model = build(arch, int(manifest["num_classes"]))
+        model.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"artifact does not match {arch}: {e}") from None
+    return model.eval()
+
+
+
+
+def _report(ckpt: Checkpoint, artifact: bytes, records: list[Record], preamble: int, fp_dtype: str) -> dict[str, Any]:
+    weights = {f"{n}.weight" for n in prunable_layers(reference(ckpt))}
+    wrecs = [r for r in records if r.name in weights]
+    fp32_bytes = 4 * sum(t.numel() for t in ckpt.state_dict.values())
+    predicted = preamble + sum(r.predicted_bits for r in records) / 8
+    layouts = {v: sum(r.layout == k for r in wrecs) for k, v in LAYOUT_NAMES.items()}
+    return {
+        "fp32_bytes": fp32_bytes,
+        "compressed_bytes": len(artifact),
+        "ratio": fp32_bytes / len(artifact),
+        "bits_per_weight": 8 * sum(r.nbytes for r in wrecs) / sum(r.numel for r in wrecs),
+        "predicted_bytes": round(predicted),
+        "prediction_error": len(artifact) / predicted - 1,
+        "fp_dtype": fp_dtype,
+        "weight_layouts": layouts,
+    }
+
+
+def size_report(ckpt: Checkpoint, fp_dtype: str = "float32") -> dict[str, Any]:
+    """Sizes of ``ckpt`` as fp32 and as an artifact.
+
+    Keys: ``fp32_bytes`` (every parameter and buffer at 4 bytes), ``compressed_bytes`` (the
+    artifact's exact size), ``ratio``, ``bits_per_weight`` (bytes of the conv/linear weight
+    records, headers included, * 8 / their weight count), ``predicted_bytes`` (header +
+    manifest + per tensor: record header + index bits + stored entries * bits per entry,
+    without byte padding), ``prediction_error`` (actual / predicted - 1), ``fp_dtype`` and
+    ``weight_layouts`` (how many weight tensors are dense / bitmask / delta).
+    """
+    artifact, records, preamble = _encode(ckpt, fp_dtype)
+    return _report(ckpt, artifact, records, preamble, fp_dtype)
+
+
+def save(ckpt: Checkpoint, path: str | os.PathLike, fp_dtype: str = "float32") -> dict[str, Any]:
+    """Write the artifact of ``ckpt`` to ``path`` atomically; return its :func:`size_report`."""
+    artifact, records, preamble = _encode(ckpt, fp_dtype)
+    atomic_write(Path(path), lambda f: f.write(artifact))
+    return _report(ckpt, artifact, records, preamble, fp_dtype)

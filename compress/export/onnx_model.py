@@ -1,0 +1,221 @@
+"""The compressed network as an ONNX file, and its check against PyTorch with onnxruntime.
+
+The graph is built by hand from the baked checkpoint (no tracing), so what it holds is exactly
+the saved weights, zeros included, and no BatchNorm is folded into a quantized convolution:
+
+- A quantized block conv is stored as its integer codes (INT4/UINT4 for nbits <= 4, else
+  INT8/UINT8) and a float32 per-tensor scale, turned into weights by ``DequantizeLinear``
+  (zero point 0: ``code * scale``, the first rounding of ``compress.quant``), then for
+  ``asym`` an ``Add`` of the grid's minimum (the second rounding: ``DequantizeLinear``'s zero
+  point is an integer, and the minimum is not a whole number of steps), then, where some
+  weights are exact zeros off the grid (pruned ``asym`` weights), a ``Where`` with a boolean
+  mask. ``sym`` needs ``DequantizeLinear`` alone: its pruned zeros are code 0.
+- That is used only when it gives back every weight bit for bit (emulated in float32 before
+  writing: :meth:`CodedWeight.values`); a tensor for which it would not is stored as plain
+  float32 weights, and :meth:`OnnxModel.describe` says which tensors went which way.
+- Everything else (stem conv, classifier, BatchNorm, unquantized models) is float32.
+
+Opset 21 (INT4 ``DequantizeLinear``). The dependencies are the ``onnx`` extra
+(``pip install -e .[onnx]``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from compress.checkpoint import Checkpoint
+from compress.export.artifact import quant_meta, reference
+from compress.export.grid import grid_codes
+from compress.layers import block_convs
+from compress.models import ResNet
+from compress.quant import code_range
+
+OPSET = 21
+MAX_LOGIT_DIFF = 1e-4  # the check: max |onnxruntime - PyTorch| over all logits ...
+MIN_ARGMAX_AGREEMENT = 0.999  # ... and the fraction of images with the same predicted class
+# storage type of the codes: (signed, nbits <= 4) -> (numpy dtype, ONNX type name)
+CODE_TYPES = {(True, True): (ml_dtypes.int4, "INT4"), (False, True): (ml_dtypes.uint4, "UINT4"),
+              (True, False): (np.int8, "INT8"), (False, False): (np.uint8, "UINT8")}
+
+
+@dataclass
+class CodedWeight:
+    """A quantized weight as the graph computes it: ``DequantizeLinear(codes, scale)`` (zero
+    point 0), then ``Add`` of the grid's ``offset`` where it has one (asym: its minimum), then
+    ``Where(on_grid, ., 0)`` where some weights are zeros off the grid (pruned asym)."""
+
+    codes: np.ndarray
+    scale: float
+    offset: float
+    on_grid: np.ndarray | None
+    onnx_type: str
+
+    @property
+    def ops(self) -> str:
+        return "+".join(["DequantizeLinear", *(["Add"] if self.offset else []), *(["Where"] if self.on_grid is not None else [])])
+
+    def values(self) -> np.ndarray:
+        """What onnxruntime computes, in float32 as it does (``compress.quant``'s two roundings)."""
+        out = self.codes.astype(np.float32) * np.float32(self.scale)
+        if self.offset:
+            out = out + np.float32(self.offset)
+        return out if self.on_grid is None else np.where(self.on_grid, out, np.float32(0))
+
+
+def coded_weight(name: str, w: torch.Tensor, mode: str, nbits: int) -> CodedWeight | None:
+    """The integer codes of a baked quantized weight, if the graph gives back every value of
+    ``w`` from them bit for bit, else None (the weight is then stored as float32)."""
+    grid = grid_codes(name, w, mode, nbits)
+    dtype, onnx_type = CODE_TYPES[(code_range(mode, nbits)[0] < 0, nbits <= 4)]
+    shape = tuple(w.shape)
+    on_grid = None if grid.on_grid.all() else grid.on_grid.reshape(shape)
+    coded = CodedWeight(grid.levels.astype(dtype).reshape(shape), grid.scale, grid.offset, on_grid, onnx_type)
+    return coded if np.array_equal(coded.values(), w.detach().cpu().numpy()) else None
+
+
+@dataclass
+class OnnxModel:
+    """The ONNX graph of a checkpoint and how each quantized block conv is stored in it."""
+
+    proto: onnx.ModelProto
+    coded: dict[str, CodedWeight] = field(default_factory=dict)  # weight name -> its codes
+    float_weights: list[str] = field(default_factory=list)  # quantized, but stored as float32
+
+    def describe(self) -> str:
+        """One line: how the quantized block convs are stored."""
+        if not self.coded and not self.float_weights:
+            return "no quantized weights: every weight float32"
+        kinds = Counter(f"{c.onnx_type} codes + {c.ops}" for c in self.coded.values())
+        parts = [f"{n} as {kind}" for kind, n in sorted(kinds.items())]
+        if self.float_weights:
+            parts.append(f"{len(self.float_weights)} as float32 (not exact from codes)")
+        return "quantized block convs: " + "; ".join(parts)
+
+
+class _Graph:
+    """Nodes and initializers, with fresh value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+
+def to_onnx(ckpt: Checkpoint) -> OnnxModel:
+    """The ONNX model of a baked checkpoint (input ``images`` N x 3 x 32 x 32, normalized as for
+    training; output ``logits`` N x classes). ``ValueError`` if it is not a CIFAR ResNet or its
+    quantized tensors are off their grid."""
+    model = reference(ckpt)
+    sd = {k: v.detach().cpu() for k, v in ckpt.state_dict.items()}
+    quant = quant_meta(ckpt)
+    quantized = {f"{n}.weight" for n in block_convs(model)} if quant else set()
+    g, out = _Graph(), OnnxModel(onnx.ModelProto())
+
+    def weight(key: str) -> str:
+        coded = coded_weight(key, sd[key], *quant) if key in quantized else None
+        if coded is None:
+            if key in quantized:
+                out.float_weights.append(key)
+            return g.const(key, sd[key].numpy())
+        out.coded[key] = coded
+        y = g.op("DequantizeLinear", [g.const(f"{key}.codes", coded.codes),
+                                      g.const(f"{key}.scale", np.array(coded.scale, np.float32))], f"{key}.dequantized")
+        if coded.offset:
+            y = g.op("Add", [y, g.const(f"{key}.offset", np.array(coded.offset, np.float32))], f"{key}.shifted")
+        if coded.on_grid is not None:
+            y = g.op("Where", [g.const(f"{key}.on_grid", coded.on_grid), y, g.const(f"{key}.zero", np.array(0, np.float32))],
+                     f"{key}.masked")
+        return y
+
+    def conv_bn(x: str, conv: str, bn: str, stride: int) -> str:
+        y = g.op("Conv", [x, weight(f"{conv}.weight")], f"{conv}.out", strides=[stride, stride], pads=[1, 1, 1, 1])
+        eps = model.get_submodule(bn).eps
+        params = [g.const(f"{bn}.{p}", sd[f"{bn}.{p}"].numpy()) for p in ("weight", "bias", "running_mean", "running_var")]
+        return g.op("BatchNormalization", [y, *params], f"{bn}.out", epsilon=eps)
+
+    x = g.op("Relu", [conv_bn("images", "conv1", "bn1", 1)], "stem.out")
+    for stage in ("layer1", "layer2", "layer3"):
+        for i, block in enumerate(model.get_submodule(stage)):
+            p = f"{stage}.{i}"
+            y = g.op("Relu", [conv_bn(x, f"{p}.conv1", f"{p}.bn1", block.stride)], f"{p}.relu1")
+            y = conv_bn(y, f"{p}.conv2", f"{p}.bn2", 1)
+            x = g.op("Relu", [g.op("Add", [y, _shortcut(g, x, p, block.stride, block.pad)], f"{p}.add")], f"{p}.out")
+    pooled = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "features", axis=1)
+    g.op("Gemm", [pooled, g.const("linear.weight", sd["linear.weight"].numpy()),
+                  g.const("linear.bias", sd["linear.bias"].numpy())], "logits", transB=1)
+
+    classes = model.linear.out_features
+    graph = helper.make_graph(
+        g.nodes, model.arch, [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], g.initializers)
+    out.proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="compress")
+    onnx.checker.check_model(out.proto)
+    return out
+
+
+def _shortcut(g: _Graph, x: str, prefix: str, stride: int, pad: int) -> str:
+    """Option-A shortcut: subsample by ``stride`` and zero-pad ``pad`` channels (half before)."""
+    if stride == 1 and pad == 0:
+        return x
+    big = np.iinfo(np.int64).max
+    sliced = g.op("Slice", [x, g.const(f"{prefix}.sc.starts", np.array([0, 0])), g.const(f"{prefix}.sc.ends", np.array([big, big])),
+                            g.const(f"{prefix}.sc.axes", np.array([2, 3])), g.const(f"{prefix}.sc.steps", np.array([stride, stride]))],
+                  f"{prefix}.sc.slice")
+    pads = np.array([0, pad // 2, 0, 0, 0, pad - pad // 2, 0, 0])
+    return g.op("Pad", [sliced, g.const(f"{prefix}.sc.pads", pads)], f"{prefix}.sc.pad", mode="constant")
+
+
+@dataclass
+class Agreement:
+    """onnxruntime vs PyTorch logits on ``images`` inputs."""
+
+    images: int
+    max_abs_diff: float
+    argmax_agreement: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= MAX_LOGIT_DIFF and self.argmax_agreement >= MIN_ARGMAX_AGREEMENT
+
+    def describe(self) -> str:
+        verdict = "ok" if self.ok else f"FAILED (allowed: <= {MAX_LOGIT_DIFF:g}, >= {MIN_ARGMAX_AGREEMENT:.1%})"
+        return (f"onnxruntime vs PyTorch on {self.images} images: max |logit diff| {self.max_abs_diff:.2e}, "
+                f"same argmax {self.argmax_agreement:.2%}: {verdict}")
+
+
+def session(source: onnx.ModelProto | str | Path, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session of a model or ``.onnx`` file (``threads`` 0: its default)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@torch.inference_mode()
+def compare(source: onnx.ModelProto | str | Path, model: ResNet, images: torch.Tensor, batch: int = 500) -> Agreement:
+    """Run ``source`` with onnxruntime and ``model`` (eval, float32) with PyTorch on ``images``."""
+    sess, model = session(source), model.eval().float()
+    worst, same = 0.0, 0
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].float()
+        ours = model(x)
+        theirs = torch.from_numpy(sess.run(["logits"], {"images": x.numpy()})[0])
+        worst = max(worst, float((ours - theirs).abs().max()))
+        same += int((ours.argmax(1) == theirs.argmax(1)).sum())
+    return Agreement(len(images), worst, same / max(len(images), 1))
