@@ -3,9 +3,10 @@
 Walks the given dirs for run dirs (a dir holding ``.hydra/config.yaml`` or ``metrics.json``), maps
 each run to its cells of the seed's Tables 3.1-3.4 and section 4, and writes ``report.md``,
 ``report.csv`` and PNG figures. Every cell is "ours | seed | diff" with the run dirs it came from;
-tables are split by budget, and several runs in one cell (e.g. seeds) show their mean and count.
+tables are split by model and budget, and several runs in one cell (e.g. seeds) show their mean and count.
 A run dir without a readable, valid ``metrics.json`` is listed as missing, and its cell (known
-from ``.hydra/config.yaml``) reads "missing".
+from ``.hydra/config.yaml``) reads "missing". Runs of different models (``model=resnet32`` ...) go
+into separate sections; only ResNet-20's cells have seed numbers (the seed report is about it).
 """
 
 from __future__ import annotations
@@ -61,6 +62,36 @@ UNITS = {"loss": "absolute", "rel_pct": "percent"}  # of a diff; "points" otherw
 OPTIONAL = {"config": dict, "hardware": dict, "size": dict, "sparsity": dict, "stages": list, "wall_time_s": (int, float)}
 
 
+DEFAULT_MODEL = "resnet20"  # the seed's model, and that of runs from before the model family
+
+
+class Section(NamedTuple):
+    """One model at one budget: tables and figures never mix two."""
+
+    model: str
+    budget: str
+
+    @property
+    def name(self) -> str:
+        """The model as it is printed: ``ResNet-56``."""
+        return f"ResNet-{self.model.removeprefix('resnet')}"
+
+    @property
+    def label(self) -> str:
+        """``budget `full``` for ResNet-20 (as before the family existed), else ``ResNet-56, budget `full```."""
+        return f"budget `{self.budget}`" if self.seeded else f"{self.name}, budget `{self.budget}`"
+
+    @property
+    def tag(self) -> str:
+        """File-name part of its figures: ``full``, ``resnet56_full``."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.budget if self.seeded else f"{self.model}_{self.budget}")
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the seed report has numbers for it (ResNet-20 only)."""
+        return self.model == DEFAULT_MODEL
+
+
 class Job(NamedTuple):
     """What a run is, as far as the tables care."""
 
@@ -69,6 +100,11 @@ class Job(NamedTuple):
     quant: str
     nbits: int | None
     ft: bool  # whether its last stage fine-tunes (after_ft exists)
+    model: str = DEFAULT_MODEL
+
+    @property
+    def section(self) -> Section:
+        return Section(self.model, self.budget)
 
 
 @dataclass
@@ -79,7 +115,7 @@ class Cell:
     runs: list[str] = field(default_factory=list)
 
 
-Key = tuple[str, str, Any, str]  # (budget, table, row, column)
+Key = tuple[Section, str, Any, str]  # (section, table, row, column)
 
 
 def slots(job: Job) -> list[tuple[str, Any, str, tuple[str, ...]]]:
@@ -130,7 +166,7 @@ def job_of_metrics(m: Any) -> Job:
     if not all(isinstance(s, dict) and isinstance(s.get("history") or [], list) for s in m.get("stages") or []):
         raise TypeError("stages must be objects with a history list")
     budget = str((m.get("config") or {}).get("budget_name", "?"))
-    return Job(budget, c["prune"], c["quant"], c.get("nbits"), m["after_ft"] is not None)
+    return Job(budget, c["prune"], c["quant"], c.get("nbits"), m["after_ft"] is not None, str(c.get("model", DEFAULT_MODEL)))
 
 
 def job_of_config(path: Path) -> Job | None:
@@ -140,7 +176,7 @@ def job_of_config(path: Path) -> Job | None:
         prune, quant = cfg.prune.method, cfg.quant.mode
         epochs = cfg.quant.epochs if quant != "none" else cfg.prune.epochs if prune != "none" else cfg.trainer.max_epochs
         return Job(str(OmegaConf.select(cfg, "budget_name", default="?")), prune, quant,
-                   cfg.nbits if quant != "none" else None, epochs > 0)
+                   cfg.nbits if quant != "none" else None, epochs > 0, str(OmegaConf.select(cfg, "model.name", default=DEFAULT_MODEL)))
     except Exception:  # noqa: BLE001 - a broken config only costs the cell mapping
         return None
 
@@ -178,20 +214,20 @@ def gather(runs: list[tuple[str, dict, Job]], missing: list[tuple[str, str, Job 
     cells: dict[Key, Cell] = defaultdict(Cell)
     for rel, m, job in runs + [(rel, {}, job) for rel, _, job in missing if job]:
         for table, row, col, path in slots(job):
-            cell = cells[(job.budget, table, row, col)]
+            cell = cells[(job.section, table, row, col)]
             cell.runs.append(rel)
             if (v := dig(m, path)) is not None:
                 cell.values.append(v)
-    for budget in {k[0] for k in cells}:
-        base = cells.get((budget, "3.1", "baseline", "acc"))
+    for section in {k[0] for k in cells}:
+        base = cells.get((section, "3.1", "baseline", "acc"))
         for method in METHODS:
-            ours = cells.get((budget, "3.1", method, "acc"))
+            ours = cells.get((section, "3.1", method, "acc"))
             if ours is None:
                 continue
             cell_runs = (base.runs if base else []) + ours.runs
             pts = (mean(ours.values) - mean(base.values)) * 100 if base and base.values and ours.values else None
-            cells[(budget, "4", method, "pts")] = Cell([pts] if pts is not None else [], cell_runs)
-            cells[(budget, "4", method, "rel_pct")] = Cell([pts / mean(base.values)] if pts is not None else [], cell_runs)
+            cells[(section, "4", method, "pts")] = Cell([pts] if pts is not None else [], cell_runs)
+            cells[(section, "4", method, "rel_pct")] = Cell([pts / mean(base.values)] if pts is not None else [], cell_runs)
     return dict(cells)
 
 
@@ -208,18 +244,23 @@ def compare(cell: Cell | None, seed: float | None, col: str) -> tuple[float | No
     return ours, (ours - seed) * 100 if col in FRACTIONS else ours - seed
 
 
-def table_md(budget: str, tid: str, cells: dict[Key, Cell], csv_rows: list[list[Any]]) -> list[str]:
-    """Markdown lines of one table for one budget (and its CSV rows appended to ``csv_rows``)."""
+def seed_numbers(section: Section, tid: str) -> dict[Any, dict[str, float]]:
+    """The seed's numbers of table ``tid`` by row, for ResNet-20 sections only."""
+    return SEED.get(tid, {}) if section.seeded else {}
+
+
+def table_md(section: Section, tid: str, cells: dict[Key, Cell], csv_rows: list[list[Any]]) -> list[str]:
+    """Markdown lines of one table for one section (and its CSV rows appended to ``csv_rows``)."""
     title, head, rows, cols = TABLES[tid]
     if head == "Nbits":  # the seed's bit widths and any other our runs have
-        bits = {r for r, _ in rows} | {k[2] for k in cells if k[:2] == (budget, tid)}
+        bits = {r for r, _ in rows} | {k[2] for k in cells if k[:2] == (section, tid)}
         rows = [(n, str(n)) for n in sorted(bits, reverse=True)]
-    lines = [f"### {title} — budget `{budget}`", "",
+    lines = [f"### {title} — {section.label}", "",
              "| " + " | ".join([head, *(f"{name} {w}" for _, name in cols for w in ("ours", "seed", "Δ")), "runs"]) + " |",
              "|" + "---|" * (2 + 3 * len(cols))]
     for row, label in rows:
-        seed_row = SEED.get(tid, {}).get(row, {})
-        row_cells = [cells.get((budget, tid, row, col)) for col, _ in cols]
+        seed_row = seed_numbers(section, tid).get(row, {})
+        row_cells = [cells.get((section, tid, row, col)) for col, _ in cols]
         if not seed_row and not any(row_cells):
             continue
         parts, row_runs = [label], []
@@ -233,7 +274,7 @@ def table_md(budget: str, tid: str, cells: dict[Key, Cell], csv_rows: list[list[
                 text = "missing" if cell or seed is not None else "—"
             parts += [text, fmt(seed, col), "—" if d is None else f"{d:+.4f}" if col == "loss" else f"{d:+.2f}"]
             row_runs += [r for r in runs if r not in row_runs]
-            csv_rows.append([budget, tid, row, col, ours, n, seed, d, UNITS.get(col, "points"), ";".join(runs)])
+            csv_rows.append([section.budget, section.model, tid, row, col, ours, n, seed, d, UNITS.get(col, "points"), ";".join(runs)])
         lines.append("| " + " | ".join(parts + [", ".join(f"`{r}`" for r in row_runs) or "—"]) + " |")
     return lines + [""]
 
@@ -244,40 +285,43 @@ def label(job: Job) -> str:
     return ("+".join(parts) or "FP") + ("" if job.ft else " (no FT)")
 
 
-def fig_nbits(Figure: type, budget: str, cells: dict[Key, Cell]) -> tuple[Any, str] | None:
-    """(a) Test accuracy vs nbits for every quantization series with data; the seed dashed beside ours."""
+def fig_nbits(Figure: type, section: Section, cells: dict[Key, Cell]) -> tuple[Any, str] | None:
+    """(a) Test accuracy vs nbits for every quantization series with data; the seed dashed beside ours (ResNet-20)."""
     fig = Figure(figsize=(7.5, 4.5))
     ax, drawn = fig.subplots(), []
     series = [("3.2", "asym", "asym, no FT"), ("3.2", "sym", "sym, no FT"), ("3.3", "acc_after", "asym + FT"),
               ("3.4", "acc_before", "global-pruned + asym, before FT"), ("3.4", "acc_after", "global-pruned + asym, after FT")]
     for i, (tid, col, name) in enumerate(series):
-        ours = sorted((k[2], mean(c.values)) for k, c in cells.items() if k[:2] == (budget, tid) and k[3] == col and c.values)
+        ours = sorted((k[2], mean(c.values)) for k, c in cells.items() if k[:2] == (section, tid) and k[3] == col and c.values)
         if ours:
             ax.plot(*zip(*ours), "o-", color=f"C{i}", label=name)
-            ax.plot(*zip(*[(n, SEED[tid][n][col]) for n in sorted(SEED[tid])]), "x--", color=f"C{i}", alpha=0.5)
+            seed = seed_numbers(section, tid)
+            if seed:
+                ax.plot(*zip(*[(n, seed[n][col]) for n in sorted(seed)]), "x--", color=f"C{i}", alpha=0.5)
             drawn.append(name)
     if not drawn:
         return None
-    base = cells.get((budget, "3.1", "baseline", "acc"))
+    base = cells.get((section, "3.1", "baseline", "acc"))
     if base and base.values:
         ax.axhline(mean(base.values), color="k", ls=":", label="FP baseline (ours)")
         drawn.append("dotted line: our FP baseline")
-    ax.plot([], [], "x--", color="gray", label="seed report (dashed)")
+    if section.seeded:
+        ax.plot([], [], "x--", color="gray", label="seed report (dashed)")
     ax.set(xlabel="nbits (bit width of the quantized block convs)", ylabel="test accuracy", ylim=(0, 1),
-           title=f"Accuracy vs bit width ({budget})")
+           title=f"{section.name}: accuracy vs bit width ({section.budget})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return fig, (f"Test accuracy vs nbits, budget `{budget}`: {'; '.join(drawn)}. Solid: ours; dashed, same colour: "
-                 "the seed's published numbers.")
+    seed = " Solid: ours; dashed, same colour: the seed's published numbers." if section.seeded else ""
+    return fig, f"{section.name} test accuracy vs nbits, budget `{section.budget}`: {'; '.join(drawn)}.{seed}"
 
 
-def fig_sparsity(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) -> tuple[Any, str] | None:
+def fig_sparsity(Figure: type, section: Section, runs: list[tuple[str, dict, Job]]) -> tuple[Any, str] | None:
     """(b) Per-layer sparsity of the Table 3.1 pruned models, grouped bars per layer (mean over a method's runs)."""
     by_method: dict[str, list[dict[str, float]]] = defaultdict(list)
     for _, m, job in runs:
         layers = dig_dict(m, "sparsity", "layers")
-        if job.budget == budget and job.prune in METHODS and job.quant == "none" and layers:
+        if job.section == section and job.prune in METHODS and job.quant == "none" and layers:
             by_method[job.prune].append(layers)
     if not by_method:
         return None
@@ -290,13 +334,14 @@ def fig_sparsity(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) -
         ax.bar(xs, [mean(d.get(n, 0.0) for d in by_method[k]) for n in layers], w, label=k, color=f"C{i}")
     ax.axhline(SEED["3.1"]["global"]["sparsity"], color="k", ls="--", lw=1, label="80% target")
     ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
-    ax.set(xlabel="layer", ylabel="fraction of weights that are zero", ylim=(0, 1), title=f"Per-layer sparsity ({budget})")
+    ax.set(xlabel="layer", ylabel="fraction of weights that are zero", ylim=(0, 1),
+           title=f"{section.name}: per-layer sparsity ({section.budget})")
     ax.legend(fontsize=8)
     return fig, (f"Per-layer sparsity (fraction of exactly-zero weights) of the pruned, fine-tuned Table 3.1 models, "
-                 f"budget `{budget}`: {', '.join(methods)}; dashed: the 80% overall target.")
+                 f"{section.name}, budget `{section.budget}`: {', '.join(methods)}; dashed: the 80% overall target.")
 
 
-def fig_history(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) -> tuple[Any, str] | None:
+def fig_history(Figure: type, section: Section, runs: list[tuple[str, dict, Job]]) -> tuple[Any, str] | None:
     """(c) Validation accuracy per epoch from ``stages[].history``, epochs counted across stages, one line per run."""
     curves = []
     for rel, m, job in runs:
@@ -307,7 +352,7 @@ def fig_history(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) ->
                     xs.append(done + x)
                     ys.append(y)
             done += dig(stage, ("epochs",)) or 0
-        if job.budget == budget and xs:
+        if job.section == section and xs:
             curves.append((label(job), rel, xs, ys))
     if not curves:
         return None
@@ -317,29 +362,34 @@ def fig_history(Figure: type, budget: str, runs: list[tuple[str, dict, Job]]) ->
         ax.plot(xs, ys, marker=".", color=f"C{i % 10}", ls="-" if i < 10 else "--",
                 label=name if names.count(name) == 1 else rel)
     ax.set(xlabel="epoch (counted across stages: pruning, then quantization)", ylabel="validation accuracy",
-           title=f"Validation accuracy during fine-tuning ({budget})")
+           title=f"{section.name}: validation accuracy during fine-tuning ({section.budget})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig, (f"Validation accuracy after every training epoch (pruning ramp and fine-tuning, then quantization-aware "
-                 f"fine-tuning; epochs counted across a run's stages), one line per run, budget `{budget}`.")
+                 f"fine-tuning; epochs counted across a run's stages), one line per run, {section.name}, budget `{section.budget}`.")
 
 
-def figures(budget: str, cells: dict[Key, Cell], runs: list[tuple[str, dict, Job]], out: Path) -> list[tuple[str, str]] | None:
-    """Draw this budget's figures into ``out``: [(file name, caption)], or None without matplotlib."""
+def figures(section: Section, cells: dict[Key, Cell], runs: list[tuple[str, dict, Job]], out: Path) -> list[tuple[str, str]] | None:
+    """Draw this section's figures into ``out``: [(file name, caption)], or None without matplotlib."""
     try:
         from matplotlib.figure import Figure  # lazy: the report works without matplotlib
     except ImportError:
         return None
     made = []
-    for stem, drawn in (("acc_vs_nbits", fig_nbits(Figure, budget, cells)),
-                        ("sparsity_per_layer", fig_sparsity(Figure, budget, runs)),
-                        ("val_acc_per_epoch", fig_history(Figure, budget, runs))):
+    for stem, drawn in (("acc_vs_nbits", fig_nbits(Figure, section, cells)),
+                        ("sparsity_per_layer", fig_sparsity(Figure, section, runs)),
+                        ("val_acc_per_epoch", fig_history(Figure, section, runs))):
         if drawn:
-            name = f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', budget)}.png"
+            name = f"{stem}_{section.tag}.png"
             drawn[0].savefig(out / name, dpi=110, bbox_inches="tight")
             made.append((name, drawn[1]))
     return made
+
+
+def heading(section: Section) -> str:
+    """A section's heading: ``Budget `full```, ``ResNet-56, budget `full```."""
+    return section.label[0].upper() + section.label[1:]
 
 
 def shown(path: Path) -> str:
@@ -366,7 +416,8 @@ def write_report(dirs: list[Path], out: Path, notes: list[str] = (), pending: li
     cells = gather(runs, missing)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    budgets = sorted({k[0] for k in cells} | {job.budget for *_, job in runs}, key=lambda b: (b != "full", b))
+    sections = sorted({k[0] for k in cells} | {job.section for *_, job in runs},
+                      key=lambda s: (not s.seeded, s.model, s.budget != "full", s.budget))
 
     wall = sum(m.get("wall_time_s") or 0 for _, m, _ in runs)
     hardware = defaultdict(int)
@@ -377,61 +428,65 @@ def write_report(dirs: list[Path], out: Path, notes: list[str] = (), pending: li
           f"- Run dirs found under: {', '.join(f'`{shown(d)}`' for d in map(Path, dirs))}; "
           f"paths below are relative to `{shown(common)}`.",
           f"- Runs: {len(runs)} complete, {len(missing)} missing or incomplete."]
-    for b in budgets:
-        epochs = sorted({dig(m, ("config", "trainer", "max_epochs")) for _, m, j in runs if j.budget == b} - {None})
-        md.append(f"- Budget `{b}`: complete runs {sum(j.budget == b for *_, j in runs)}, "
+    for sec in sections:
+        epochs = sorted({dig(m, ("config", "trainer", "max_epochs")) for _, m, j in runs if j.section == sec} - {None})
+        md.append(f"- {heading(sec)}: complete runs {sum(j.section == sec for *_, j in runs)}, "
                   f"trainer.max_epochs {', '.join(str(int(e)) for e in epochs) or '?'} (epochs per fine-tuning stage).")
     md += [f"- Hardware: {h} ({n} runs)" for h, n in hardware.items()]
     md += [f"- Total wall time: {wall:.0f} s ({wall / 60:.1f} min) summed over the runs "
            f"(a pruning stage reused from the cache counts only its load time).",
            "- Each cell: ours | seed | Δ = ours − seed, in percentage points for accuracies and sparsity "
-           "(absolute for losses; section 4 in points / percent). Tables are split by budget; where several runs "
+           "(absolute for losses; section 4 in points / percent). Tables are split by model and budget; where several runs "
            "(e.g. seeds) fill one cell, ours is their mean and (n=…) their count. \"missing\": the run that fills the "
            "cell is missing or incomplete (see below) or has no such number. The runs column names the run dirs of the row.",
-           "- Seed numbers: `compress/seed_results.yaml`. Seed section 4 prints relative drops (Δ/baseline); "
+           "- Seed numbers: `compress/seed_results.yaml`, for ResNet-20 only (the seed's model; other models show — "
+           "in the seed and Δ columns). Seed section 4 prints relative drops (Δ/baseline); "
            "its drop in points is computed from its Table 3.1.",
            "- Table 3.1 \"Acc at FT start\": the model as fine-tuning begins. One-shot prunes to 80% first; "
            "iterative and global ramp the sparsity up during fine-tuning, so they start from the dense model.", ""]
 
     csv_rows: list[list[Any]] = []
-    for b in budgets:
-        md += [f"## Budget `{b}`", ""]
+    for sec in sections:
+        md += [f"## {heading(sec)}", ""]
         for tid in TABLES:
-            if any(k[:2] == (b, tid) for k in cells):
-                md += table_md(b, tid, cells, csv_rows)
+            if any(k[:2] == (sec, tid) for k in cells):
+                md += table_md(sec, tid, cells, csv_rows)
 
     md += ["## Missing or incomplete runs", ""]
-    md += [f"- `{rel}`: {why}" + (f" (would be {label(j)}, budget `{j.budget}`)" if j else "")
+    md += [f"- `{rel}`: {why}" + (f" (would be {label(j)}, {j.section.label})" if j else "")
            for rel, why, j in missing] or ["None."]
 
     size_keys = ("fp32_bytes", "compressed_bytes", "ratio", "bits_per_weight")
     sized = any(isinstance(m.get("size"), dict) for _, m, _ in runs)
+    models = any(not job.section.seeded for *_, job in runs)  # a model column once there is more than ResNet-20
     md += ["", "## Runs", "",
-           "| run | budget | prune | quant | nbits | stages (epochs) | tables | test acc | wall s |"
+           "| run | budget |" + (" model |" if models else "")
+           + " prune | quant | nbits | stages (epochs) | tables | test acc | wall s |"
            + ("".join(f" {k} |" for k in size_keys) if sized else ""),
-           "|" + "---|" * (9 + 4 * sized)]
+           "|" + "---|" * (9 + models + 4 * sized)]
     for rel, m, job in runs:
         stages = " + ".join(f"{s.get('name')} {s.get('epochs')}" + (" (cached)" if s.get("cached") else "")
                             for s in m.get("stages") or [])
         tables = ", ".join(sorted({t for t, *_ in slots(job)})) or "none"
         size = m.get("size") if isinstance(m.get("size"), dict) else {}
-        md.append(f"| `{rel}` | {job.budget} | {job.prune} | {job.quant} | {job.nbits if job.nbits is not None else '—'} | "
+        md.append(f"| `{rel}` | {job.budget} |" + (f" {job.model} |" if models else "")
+                  + f" {job.prune} | {job.quant} | {job.nbits if job.nbits is not None else '—'} | "
                   f"{stages or '—'} | {tables} | {fmt(dig(m, ('test_acc',)), 'acc')} | {m.get('wall_time_s') or 0:.0f} |"
                   + ("".join(f" {size_text(size.get(k))} |" for k in size_keys) if sized else ""))
-        csv_rows += [[job.budget, "size", rel, k, size[k], 1, None, None, "", rel] for k in size_keys if k in size]
+        csv_rows += [[job.budget, job.model, "size", rel, k, size[k], 1, None, None, "", rel] for k in size_keys if k in size]
 
     md += ["", "## Figures", ""]
-    for b in budgets:
-        made = figures(b, cells, runs, out)
+    for sec in sections:
+        made = figures(sec, cells, runs, out)
         if made is None:
             md.append("Figures skipped: matplotlib is not installed (`pip install -e .[report]`).")
             break
-        md += [f"![{name}]({name})\n\n*{cap}*\n" for name, cap in made] or [f"No figure data for budget `{b}`."]
+        md += [f"![{name}]({name})\n\n*{cap}*\n" for name, cap in made] or [f"No figure data for {sec.label}."]
 
     (out / "report.md").write_text("\n".join(md) + "\n")
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["budget", "table", "row", "column", "ours", "n", "seed", "diff", "diff_unit", "runs"])
+        w.writerow(["budget", "model", "table", "row", "column", "ours", "n", "seed", "diff", "diff_unit", "runs"])
         w.writerows([[("" if v is None else round(v, 6) if isinstance(v, float) else v) for v in r] for r in csv_rows])
     return out / "report.md"
 

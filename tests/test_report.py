@@ -116,7 +116,7 @@ def test_tables(sweep: Path, tmp_path: Path) -> None:
     assert md.index("## Budget `full`") < md.index("## Budget `smoke`")
 
     c = cells(tmp_path / "out" / "report.csv")
-    assert c["full", "3.2", "4", "sym"] == {"budget": "full", "table": "3.2", "row": "4", "column": "sym", "ours": "0.855",
+    assert c["full", "3.2", "4", "sym"] == {"budget": "full", "model": "resnet20", "table": "3.2", "row": "4", "column": "sym", "ours": "0.855",
                                                  "n": "2", "seed": "0.8532", "diff": "0.18", "diff_unit": "points",
                                                  "runs": "full/nbits=4,quant=sym,seed=0;full/nbits=4,quant=sym,seed=1"}
     assert (c["full", "3.1", "baseline", "loss"]["ours"], c["full", "3.1", "baseline", "loss"]["diff"]) == ("0.3", "-0.0231")
@@ -195,3 +195,35 @@ def test_reproduce_reports_a_failed_table(tmp_path: Path) -> None:
     assert "**Incomplete**: runs of table3_2 failed" in report
     assert "0 complete, 10 missing or incomplete" in report
     assert "`table3_2/nbits=2,quant=asym`: unfinished" in report
+
+
+def test_models_never_share_a_cell(tmp_path: Path) -> None:
+    """Runs of ResNet-20 and ResNet-56 at the same budget: separate sections, the seed's numbers
+    only beside ResNet-20's, figures named and titled with the model; an unfinished ResNet-56
+    run (known from its .hydra config) is listed under its model."""
+    def of(model: str, m: dict[str, Any]) -> dict[str, Any]:
+        m["choices"]["model"] = model
+        return m
+
+    root = tmp_path / "multirun"
+    put(root, "r20/nbits=4,quant=asym", metrics(quant="asym", nbits=4, before=0.9))
+    put(root, "r56/nbits=4,quant=asym", of("resnet56", metrics(quant="asym", nbits=4, before=0.93)))
+    put(root, "r56/nbits=3,quant=asym", of("resnet56", metrics(quant="asym", nbits=3, before=0.8)))
+    unfinished = yaml.safe_load(hydra_config("none", "sym", 4, 0)) | {"model": {"name": "resnet56"}}
+    put(root, "r56/nbits=4,quant=sym", None, OmegaConf.to_yaml(unfinished))
+    md = write_report([root], tmp_path / "out").read_text()
+
+    r20, r56 = md.split("## ResNet-56, budget `full`")[0], md.split("## ResNet-56, budget `full`")[1].split("## Missing")[0]
+    assert "## Budget `full`" in r20 and "| 4 | 0.9000 | 0.8973 | +0.27 |" in r20
+    assert "### Table 3.2: quantization without fine-tuning — ResNet-56, budget `full`" in r56
+    assert "| 4 | 0.9300 | — | — | missing | — | — |" in r56  # no seed numbers for ResNet-56
+    assert "| 3 | 0.8000 | — | — | — | — | — |" in r56
+    assert "`r56/nbits=4,quant=sym`: unfinished: .hydra/ but no metrics.json (would be sym4 (no FT), ResNet-56, budget `full`)" in md
+    assert "| `r56/nbits=4,quant=asym` | full | resnet56 | none | asym | 4 |" in md  # the run list gains a model column
+    with open(tmp_path / "out" / "report.csv") as f:
+        rows = [r for r in csv.DictReader(f) if (r["table"], r["row"], r["column"]) == ("3.2", "4", "asym")]
+    assert [(r["model"], r["ours"], r["seed"]) for r in rows] == [("resnet20", "0.9", "0.8973"), ("resnet56", "0.93", "")]
+    if HAS_MPL:
+        assert (tmp_path / "out" / "acc_vs_nbits_full.png").is_file()
+        assert (tmp_path / "out" / "acc_vs_nbits_resnet56_full.png").is_file()
+        assert "*ResNet-56 test accuracy vs nbits, budget `full`" in md
