@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from compress.progress import check_progress, duration
 from compress.stages import stage_key
 from conftest import REPO, app_command
 
+HAS_TENSORBOARD = find_spec("tensorboard") is not None or find_spec("tensorboardX") is not None
 # Hashes of configs whose runs are published (multirun/published/): a change here means every
 # finished run would be recomputed. New options must keep them (compress/config.py NEUTRAL).
 PINNED = {
@@ -81,7 +83,8 @@ def test_a_signal_inside_critical_waits_for_the_end_of_the_block() -> None:
 
 @pytest.fixture(scope="module")
 def debug_run(run_apps, data_root: Path, pretrained: Path) -> subprocess.CompletedProcess:
-    return run_apps({"run": ["prune=iterative", "quant=asym", "nbits=3", "budget=debug", "progress=log"]})["run"]
+    loggers = "logger=[csv,tensorboard]" if HAS_TENSORBOARD else "logger=csv"
+    return run_apps({"run": ["prune=iterative", "quant=asym", "nbits=3", "budget=debug", "progress=log", loggers]})["run"]
 
 
 def test_debug_budget_runs_every_stage_with_progress_and_csv(debug_run) -> None:
@@ -95,6 +98,12 @@ def test_debug_budget_runs_every_stage_with_progress_and_csv(debug_run) -> None:
     assert "results in" in debug_run.stdout + log
     metrics = json.loads((debug_run.run_dir / "metrics.json").read_text())
     assert metrics["config"]["budget_name"] == "debug" and metrics["max_distinct_values"] <= 8
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed (pip install -e '.[tensorboard]')")
+def test_tensorboard_logger_writes_event_files(debug_run) -> None:
+    for stage in ("prune", "quant"):
+        assert list((debug_run.run_dir / "tensorboard" / stage).glob("events.out.tfevents.*"))
 
 
 def test_results_are_readable_by_everyone(debug_run) -> None:
