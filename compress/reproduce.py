@@ -8,6 +8,7 @@
 
 Runs ``experiment=table3_1`` .. ``table3_4`` (3.1 first: its global-pruning stage is reused
 from the stage cache by 3.4), each a Hydra multirun under ``$COMPRESS_RUNS/<table>/<budget>/``
+(``<table>-<model>`` for a ``model=`` other than resnet20)
 (default ``multirun/``). After each table it copies every run's ``metrics.json``, ``.hydra/``
 config and packed ``model.cpk`` into ``<out>/runs/`` and rewrites ``<out>/report.md`` from
 those copies, with the command, budget, hardware, commit and wall time in its header and the
@@ -38,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from compress.checkpoint import Checkpoint, save_checkpoint
+from compress.config import DEFAULT_MODEL, model_tag
 from compress.layers import prunable_layers
 from compress.report import write_report
 from compress.train import hardware
@@ -53,6 +55,16 @@ RUN_FILES = ("metrics.json", "model.cpk")  # what a published run keeps besides 
 def runs_root() -> Path:
     """Where the sweeps write their run dirs: ``$COMPRESS_RUNS`` or ``multirun``."""
     return Path(os.environ.get("COMPRESS_RUNS", "multirun"))
+
+
+def model_of(overrides: list[str]) -> str:
+    """The ``model=`` the overrides choose (the last one wins, as in Hydra), else resnet20."""
+    return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("model=")), DEFAULT_MODEL)
+
+
+def sweep_dir(table: str, budget: str, overrides: list[str]) -> Path:
+    """Where ``table``'s sweep writes its run dirs (``hydra.sweep.dir`` of ``conf/config.yaml``)."""
+    return runs_root() / f"{table}{model_tag(model_of(overrides))}" / budget
 
 
 def cache_root() -> Path:
@@ -178,7 +190,7 @@ def publish(out: Path, tables: list[str], budget: str, overrides: list[str], not
     copied, pending = {}, []
     for t in tables:
         dest = out / "runs" / t
-        copied[t] = collect(runs_root() / t / budget, dest, table_overrides(t, budget, overrides), sweep_keys(t))
+        copied[t] = collect(sweep_dir(t, budget, overrides), dest, table_overrides(t, budget, overrides), sweep_keys(t))
         pending += [f"{t}/{name}" for name in expected_runs(t, overrides) if not (dest / name / ".hydra").is_dir()]
     notes = [*notes, f"- Runs copied into `runs/`: {', '.join(f'{t} {n}' for t, n in copied.items())}."]
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -190,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", choices=("smoke", "full"), default="smoke")
     p.add_argument("--tables", default=",".join(TABLES),
                    help=f"comma-separated subset of {', '.join(CHOICES)} (default: the seed's four)")
-    p.add_argument("--out", type=Path, help="where the report goes (default: multirun/reproduce/<budget>)")
+    p.add_argument("--out", type=Path, help="where the report goes (default: multirun/reproduce/<budget>[-<model>])")
     p.add_argument("--report-only", action="store_true", help="train nothing: publish the runs finished so far")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every table (after --)")
     a = p.parse_args(argv)
@@ -199,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --tables {','.join(unknown)} is not allowed: use {', '.join(CHOICES)}", file=sys.stderr)
         return 2
-    out = a.out or Path("multirun/reproduce") / a.budget
+    out = a.out or Path("multirun/reproduce") / f"{a.budget}{model_tag(model_of(a.overrides))}"
     t0, commit = time.time(), git_commit(out)
     for t in tables:
-        sweep = runs_root() / t / a.budget
+        sweep = sweep_dir(t, a.budget, a.overrides)
         restored = restore(out / "runs" / t, sweep)
         refilled = sum(restore_stage(run, cache_root()) for run in sorted(sweep.glob("*")) if run.is_dir())
         if restored or refilled:

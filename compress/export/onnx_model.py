@@ -5,15 +5,14 @@ the saved weights, zeros included, and no BatchNorm is folded into a quantized c
 
 - A quantized block conv is stored as its integer codes (INT4/UINT4 for nbits <= 4, else
   INT8/UINT8) and a float32 per-tensor scale, turned into weights by ``DequantizeLinear``
-  (zero point 0: ``code * scale``, the first rounding of ``compress.quant``), then for
-  ``asym`` an ``Add`` of the grid's minimum (the second rounding: ``DequantizeLinear``'s zero
-  point is an integer, and the minimum is not a whole number of steps), then, where some
-  weights are exact zeros off the grid (pruned ``asym`` weights), a ``Where`` with a boolean
-  mask. ``sym`` needs ``DequantizeLinear`` alone: its pruned zeros are code 0.
-- That is used only when it gives back every weight bit for bit (emulated in float32 before
-  writing: :meth:`CodedWeight.values`); a tensor for which it would not is stored as plain
-  float32 weights, and :meth:`OnnxModel.describe` says which tensors went which way.
-- Everything else (stem conv, classifier, BatchNorm, unquantized models) is float32.
+  (zero point 0: ``code * scale``, the first rounding of ``compress.quant``). ``sym`` levels
+  are exactly that, pruned zeros being code 0. ``asym`` levels ``code * scale + min`` are not:
+  ``DequantizeLinear``'s zero point is an integer and ``min`` is not a whole number of steps,
+  so an ``Add`` of ``min`` follows (the second rounding, as in ``compress.quant``), and where
+  some weights are exact zeros off the grid (pruned ``asym`` weights) a ``Where`` with a
+  boolean mask keeps them zero. Every weight comes back bit for bit (emulated in float32
+  before writing, :meth:`CodedWeight.values`; a mismatch is an export bug and raises).
+- Everything else (stem conv, classifier, BatchNorm, unquantized models) is plain float32.
 
 Opset 21 (INT4 ``DequantizeLinear``). The dependencies are the ``onnx`` extra
 (``pip install -e .[onnx]``).
@@ -71,34 +70,33 @@ class CodedWeight:
         return out if self.on_grid is None else np.where(self.on_grid, out, np.float32(0))
 
 
-def coded_weight(name: str, w: torch.Tensor, mode: str, nbits: int) -> CodedWeight | None:
-    """The integer codes of a baked quantized weight, if the graph gives back every value of
-    ``w`` from them bit for bit, else None (the weight is then stored as float32)."""
+def coded_weight(name: str, w: torch.Tensor, mode: str, nbits: int) -> CodedWeight:
+    """The integer codes of a baked quantized weight, from which the graph gives back every
+    value of ``w`` bit for bit (``ValueError`` if ``w`` is off its grid)."""
     grid = grid_codes(name, w, mode, nbits)
     dtype, onnx_type = CODE_TYPES[(code_range(mode, nbits)[0] < 0, nbits <= 4)]
     shape = tuple(w.shape)
     on_grid = None if grid.on_grid.all() else grid.on_grid.reshape(shape)
     coded = CodedWeight(grid.levels.astype(dtype).reshape(shape), grid.scale, grid.offset, on_grid, onnx_type)
-    return coded if np.array_equal(coded.values(), w.detach().cpu().numpy()) else None
+    if not np.array_equal(coded.values(), w.detach().cpu().numpy()):
+        raise RuntimeError(f"export bug: {name} does not come back exactly from its ONNX codes")
+    return coded
 
 
 @dataclass
 class OnnxModel:
-    """The ONNX graph of a checkpoint and how each quantized block conv is stored in it."""
+    """The ONNX graph of a checkpoint and the codes of its quantized block convs."""
 
     proto: onnx.ModelProto
     coded: dict[str, CodedWeight] = field(default_factory=dict)  # weight name -> its codes
-    float_weights: list[str] = field(default_factory=list)  # quantized, but stored as float32
 
     def describe(self) -> str:
         """One line: how the quantized block convs are stored."""
-        if not self.coded and not self.float_weights:
-            return "no quantized weights: every weight float32"
+        if not self.coded:
+            return "every weight float32 (no quantized weights)"
         kinds = Counter(f"{c.onnx_type} codes + {c.ops}" for c in self.coded.values())
-        parts = [f"{n} as {kind}" for kind, n in sorted(kinds.items())]
-        if self.float_weights:
-            parts.append(f"{len(self.float_weights)} as float32 (not exact from codes)")
-        return "quantized block convs: " + "; ".join(parts)
+        return ("; ".join(f"{n} block convs as {kind}" for kind, n in sorted(kinds.items()))
+                + "; stem, classifier and BatchNorm float32")
 
 
 class _Graph:
@@ -128,12 +126,9 @@ def to_onnx(ckpt: Checkpoint) -> OnnxModel:
     g, out = _Graph(), OnnxModel(onnx.ModelProto())
 
     def weight(key: str) -> str:
-        coded = coded_weight(key, sd[key], *quant) if key in quantized else None
-        if coded is None:
-            if key in quantized:
-                out.float_weights.append(key)
+        if key not in quantized:
             return g.const(key, sd[key].numpy())
-        out.coded[key] = coded
+        coded = out.coded[key] = coded_weight(key, sd[key], *quant)
         y = g.op("DequantizeLinear", [g.const(f"{key}.codes", coded.codes),
                                       g.const(f"{key}.scale", np.array(coded.scale, np.float32))], f"{key}.dequantized")
         if coded.offset:
