@@ -1,0 +1,124 @@
+"""The model family: ResNet-20/32/44/56 build, take their own weights, compose as `model=`
+options with their own run dirs, and go through pruning, quantization and export alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from compress.checkpoint import Checkpoint, apply_checkpoint
+from compress.config import config_hash, validate
+from compress.export import export, load
+from compress.layers import bake, block_convs, prunable_layers
+from compress.models import ARCHS, arch_of, build
+from compress.models.weights import PUBLISHED, URL_BASE, published_weights
+from compress.prune import PruningCallback, current_masks
+from compress.quant import QuantizationCallback
+from compress.reproduce import sweep_dir
+from compress.stats import distinct_values
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}  # shared/README.md
+
+Compose = Callable[..., DictConfig]
+
+
+@pytest.fixture
+def hydra_compose(monkeypatch: pytest.MonkeyPatch) -> Iterator[Compose]:
+    monkeypatch.delenv("COMPRESS_RUNS", raising=False)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides, **kw: compose("config", overrides=list(overrides), **kw)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_architectures(arch: str) -> None:
+    model = build(arch)
+    n = (int(arch.removeprefix("resnet")) - 2) // 6
+    assert model.arch == arch == arch_of(model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[arch]
+    assert len(block_convs(model)) == 6 * n and len(prunable_layers(model)) == 6 * n + 2
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert arch_of({"conv1.weight": torch.zeros(1)}) is None
+    with pytest.raises(ValueError, match="'resnet18' is not known: use one of resnet20, resnet32, resnet44, resnet56"):
+        build("resnet18")
+
+
+def test_each_model_takes_its_own_published_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMPRESS_WEIGHTS", raising=False)
+    monkeypatch.delenv("COMPRESS_PRETRAINED", raising=False)
+    assert published_weights("resnet56") == URL_BASE + "resnet56-4bfd9763.th"  # nothing local: the URL
+    (tmp_path / PUBLISHED["resnet20"]).write_bytes(b"20")
+    monkeypatch.setenv("COMPRESS_PRETRAINED", str(tmp_path / PUBLISHED["resnet20"]))
+    assert published_weights("resnet56") == URL_BASE + PUBLISHED["resnet56"]  # never resnet20's file
+    (tmp_path / PUBLISHED["resnet56"]).write_bytes(b"56")
+    assert published_weights("resnet56") == str(tmp_path / PUBLISHED["resnet56"])  # beside COMPRESS_PRETRAINED
+    other = tmp_path / "weights"
+    other.mkdir()
+    (other / PUBLISHED["resnet56"]).write_bytes(b"56")
+    monkeypatch.setenv("COMPRESS_WEIGHTS", str(other))
+    assert published_weights("resnet56") == str(other / PUBLISHED["resnet56"])  # COMPRESS_WEIGHTS first
+    with pytest.raises(ValueError, match="no published weights for 'resnet18'"):
+        published_weights("resnet18")
+
+
+def test_model_options_compose_with_their_own_dirs_and_hashes(hydra_compose: Compose, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPRESS_WEIGHTS", str(tmp_path))
+    monkeypatch.delenv("COMPRESS_PRETRAINED", raising=False)
+    for arch, file in PUBLISHED.items():
+        (tmp_path / file).write_bytes(arch.encode())
+    hashes = set()
+    for arch in ARCHS:
+        overrides = ["experiment=table3_2", f"model={arch}", "quant=sym", "nbits=4"]
+        sweep = hydra_compose(overrides, return_hydra_config=True).hydra.sweep
+        tag = "" if arch == "resnet20" else f"-{arch}"
+        assert (sweep.dir, sweep.subdir) == (f"multirun/table3_2{tag}/full", "nbits=4,quant=sym")
+        assert sweep.dir == str(sweep_dir("table3_2", "full", [f"model={arch}"]))
+        cfg = hydra_compose(overrides)
+        validate(cfg)
+        assert cfg.model.pretrained == str(tmp_path / PUBLISHED[arch])
+        hashes.add(config_hash(cfg))
+    assert len(hashes) == len(ARCHS)
+    monkeypatch.setenv("COMPRESS_PRETRAINED", str(tmp_path / "mine.pt"))  # ResNet-20's file, as before
+    assert hydra_compose(["model=resnet20"]).model.pretrained == str(tmp_path / "mine.pt")
+    assert hydra_compose(["model=resnet56"]).model.pretrained == str(tmp_path / PUBLISHED["resnet56"])
+    with pytest.raises(ValueError, match="model.name='vgg' is not allowed: use one of resnet20, resnet32"):
+        validate(hydra_compose(["model=resnet32", "model.name=vgg"]))
+
+
+def test_weights_of_another_model_are_refused() -> None:
+    r20 = build("resnet20")
+    with pytest.raises(ValueError, match=r"model.pretrained='r20.th' holds resnet20 weights, not resnet56's: "
+                                         r"give the weights of resnet56 \(or choose model=resnet20\)"):
+        apply_checkpoint(build("resnet56"), Checkpoint(r20.state_dict()), "r20.th")
+
+
+@pytest.mark.parametrize(("arch", "mode", "nbits"), [("resnet32", "asym", 3), ("resnet56", "sym", 4)])
+def test_prune_quantize_export_any_model(arch: str, mode: str, nbits: int) -> None:
+    """Global pruning to 80%, then quantization of every residual-block conv: at most 2^n
+    values each, stem and classifier full precision; the artifact records the architecture
+    and reloads to the same logits."""
+    torch.manual_seed(0)
+    model = build(arch)
+    PruningCallback(0.8, "global").install(model)
+    masks = current_masks(model)
+    QuantizationCallback(mode, nbits).install(model)
+    bake(model)
+    distinct = distinct_values(model)
+    assert set(distinct) == set(block_convs(model)) and max(distinct.values()) <= 2**nbits
+    zeros = sum(int((m.weight == 0).sum()) for m in prunable_layers(model).values())
+    assert zeros >= 0.8 * sum(m.weight.numel() for m in prunable_layers(model).values())
+    for fp in ("conv1", "linear"):
+        w = model.get_submodule(fp).weight
+        assert torch.unique(w[w != 0]).numel() > 2**nbits
+    blob = export(Checkpoint(model.state_dict(), masks, {"quant": {"mode": mode, "nbits": nbits}}))
+    back = load(blob)
+    assert back.arch == arch
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(x), model.eval()(x))
