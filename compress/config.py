@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compress.checkpoint import source_id
 from compress.data import resolve_eval_batch
+from compress.distill import check_distill
 from compress.export import FP_DTYPES
 from compress.loggers import check_loggers
 from compress.models import ARCHS
@@ -59,6 +60,7 @@ def validate(cfg: DictConfig) -> None:
     check_nbits(cfg.nbits)
     check_progress(cfg.progress)
     check_loggers(cfg.get("logger"))
+    check_distill(cfg.distill)
     if cfg.model.name not in ARCHS:
         raise ValueError(f"model.name={cfg.model.name!r} is not allowed: use one of {', '.join(ARCHS)}")
     if cfg.quant.mode not in ("none", *MODES):
@@ -100,6 +102,7 @@ NEUTRAL: dict[str, object] = {
     "trainer.limit_val_batches": 1.0,
     "trainer.limit_test_batches": 1.0,
     "model.name": DEFAULT_MODEL,
+    "distill": {"kind": "none"},
 }
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.distill import Teacher
 from compress.layers import network
 
 SCHEDULES = ("cosine", "constant")
@@ -26,6 +27,7 @@ class Classifier(pl.LightningModule):
         schedule: ``cosine`` (per step, from ``lr`` to 0 over the fit, after warm-up) or ``constant``.
         warmup_epochs: linear warm-up from 0 to ``lr`` over this many epochs (may be fractional).
         label_smoothing: cross-entropy label smoothing for training.
+        teacher: distill from this frozen network while training (see :mod:`compress.distill`).
     """
 
     def __init__(
@@ -38,12 +40,14 @@ class Classifier(pl.LightningModule):
         schedule: str = "cosine",
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
+        teacher: Teacher | None = None,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={schedule!r} is not allowed: use one of {', '.join(SCHEDULES)}")
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "teacher"])
         self.model = model
+        self.teacher = teacher  # not an nn.Module: never trained, saved or put in training mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -52,6 +56,8 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        if split == "train" and self.teacher is not None:
+            loss = self.teacher.blend(x, logits, loss)
         acc = (logits.argmax(1) == y).float().mean()
         self.log_dict({f"{split}/loss": loss, f"{split}/acc": acc}, on_step=False, on_epoch=True, batch_size=len(y),
                       sync_dist=True)  # epoch means over every DDP rank's shard

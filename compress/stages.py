@@ -33,6 +33,7 @@ from torch import nn
 from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.config import config_hash, digest, drop_neutral
+from compress.distill import Teacher, make_teacher
 from compress.interrupt import EpochCheckpoint, Interrupted
 from compress.layers import bake
 from compress.loggers import make_loggers
@@ -113,9 +114,11 @@ def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataMo
 
 
 def run_stage(
-    stage: Stage, cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule, out_dir: Path
+    stage: Stage, cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule,
+    out_dir: Path, teacher: Teacher | None = None,
 ) -> tuple[StageResult, dict[str, torch.Tensor]]:
-    """Fine-tune ``model`` in place with the stage's callbacks; bake it; return the result and its masks.
+    """Fine-tune ``model`` in place with the stage's callbacks (distilling from ``teacher`` if
+    given); bake it; return the result and its masks.
 
     Every epoch ends with ``<out_dir>/checkpoints/<stage>-<config hash>/last.ckpt``; a stage
     that finds one (the same config was killed there) resumes from it. It is deleted once the
@@ -123,7 +126,7 @@ def run_stage(
     """
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
-    module = Classifier(model, **cfg.optim)
+    module = Classifier(model, teacher=teacher, **cfg.optim)
     history = History()
     ckpt_dir = out_dir / "checkpoints" / f"{stage.name}-{config_hash(cfg)}"
     compiling = [CompileNetwork()] if cfg.compile else []
@@ -180,6 +183,7 @@ def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
     data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": data, "trainer": c["trainer"],
             "optim": c["optim"], "prune": c["prune"], "seed": c["seed"], "version": 1}
+    spec |= {k: c[k] for k in ("distill",) if k in c}  # new options, where not at their neutral value
     return digest(spec)
 
 
@@ -229,10 +233,12 @@ def run_stages(
     cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule,
     out_dir: Path, pretrained_id: str,
 ) -> tuple[list[StageResult], dict[str, torch.Tensor]]:
-    """Run (or reuse) every stage of ``plan(cfg)`` on ``model``; returns results and final masks."""
+    """Run (or reuse) every stage of ``plan(cfg)`` on ``model`` (as loaded: the teacher of
+    ``distill=kd`` is a copy of it); returns results and final masks."""
     results = []
+    teacher = make_teacher(cfg.distill, model)
     for stage in plan(cfg, pretrained_id):
-        compute = lambda s=stage, m=masks: run_stage(s, cfg, model, m, datamodule, out_dir)  # noqa: E731
+        compute = lambda s=stage, m=masks: run_stage(s, cfg, model, m, datamodule, out_dir, teacher)  # noqa: E731
         if stage.cache_key:
             result, masks = StageCache(cfg.stage_cache).run(stage, compute, model)
         else:
