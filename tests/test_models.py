@@ -3,6 +3,10 @@ options with their own run dirs, and go through pruning, quantization and export
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,9 +25,13 @@ from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback
 from compress.reproduce import sweep_dir
 from compress.stats import distinct_values
+from conftest import RunApp
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}  # shared/README.md
+PUBLISHED_ACC = {"resnet32": 0.9263, "resnet44": 0.9310, "resnet56": 0.9339}  # on the 10k CIFAR-10 test images
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as in test_real_data: faster on a busy 2-core machine
 
 Compose = Callable[..., DictConfig]
 
@@ -122,3 +130,56 @@ def test_prune_quantize_export_any_model(arch: str, mode: str, nbits: int) -> No
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(back(x), model.eval()(x))
+
+
+def family_weights(pretrained: Path, arch: str) -> Path:
+    """``arch``'s published file beside the ResNet-20 one (skips the test where it is not)."""
+    path = pretrained.parent / PUBLISHED[arch]
+    if not path.is_file():
+        pytest.skip(f"{path} not found: the {arch} weights are not beside $COMPRESS_PRETRAINED")
+    return path
+
+
+def test_app_refuses_another_models_weights(run_app: RunApp, data_root: Path, pretrained: Path) -> None:
+    proc = run_app("model=resnet56", f"model.pretrained={pretrained}", "quant=none", "trainer.max_epochs=0")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: model.pretrained='{pretrained}' holds resnet20 weights, not resnet56's: "
+                                   "give the weights of resnet56 (or choose model=resnet20)")
+    assert not proc.run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(PUBLISHED_ACC))
+def test_published_accuracy(run_app: RunApp, data_root: Path, pretrained: Path, arch: str) -> None:
+    """``model=<arch>`` alone evaluates its own published weights (found beside
+    ``$COMPRESS_PRETRAINED``) at the published accuracy."""
+    weights = family_weights(pretrained, arch)
+    proc = run_app(f"model={arch}", "quant=none", "trainer.max_epochs=0", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((proc.run_dir / "metrics.json").read_text())
+    assert m["config"]["model"]["pretrained"] == str(weights) and m["choices"]["model"] == arch
+    assert abs(m["test_acc"] - PUBLISHED_ACC[arch]) <= 0.0005
+
+
+@pytest.mark.slow
+def test_table3_2_multirun_on_resnet32(tmp_path: Path, data_root: Path, pretrained: Path) -> None:
+    """Table 3.2 on ResNet-32 (tests on 1,000 images): its sweep dir names the model, every run
+    finishes, and every saved artifact, rebuilt independently, is a ResNet-32 with at most 2^n
+    values per block conv and a full-precision stem and classifier."""
+    family_weights(pretrained, "resnet32")
+    cmd = [sys.executable, "-m", "compress.train", "experiment=table3_2", "model=resnet32", "trainer.limit_test_batches=5"]
+    env = {**os.environ, **ONE_THREAD, "COMPRESS_RUNS": str(tmp_path), "COMPRESS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "table3_2-resnet32" / "full"
+    runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert [r.name for r in runs] == sorted(f"nbits={n},quant={q}" for n in range(2, 7) for q in ("sym", "asym"))
+    for run in runs:
+        nbits = json.loads((run / "metrics.json").read_text())["choices"]["nbits"]
+        model = load(run / "model.cpk")
+        assert model.arch == "resnet32"
+        for name, m in prunable_layers(model).items():
+            w = m.weight.detach()
+            n = torch.unique(w[w != 0]).numel()
+            assert n <= 2**nbits if name in block_convs(model) else n > 2**nbits, (run.name, name, n)
+    assert "## ResNet-32, budget `full`" in (sweep / "report.md").read_text()
