@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 
 from compress.checkpoint import Checkpoint, apply_checkpoint
 from compress.config import config_hash, validate
-from compress.export import export, load
+from compress.export import HEADER, MAGIC, VERSION, export, load
 from compress.layers import bake, block_convs, prunable_layers
 from compress.models import ARCHS, arch_of, build
 from compress.models.weights import PUBLISHED, URL_BASE, published_weights
@@ -25,7 +27,7 @@ from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback
 from compress.reproduce import sweep_dir
 from compress.stats import distinct_values
-from conftest import RunApp
+from conftest import RunApp, app_command
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -183,3 +185,50 @@ def test_table3_2_multirun_on_resnet32(tmp_path: Path, data_root: Path, pretrain
             n = torch.unique(w[w != 0]).numel()
             assert n <= 2**nbits if name in block_convs(model) else n > 2**nbits, (run.name, name, n)
     assert "## ResNet-32, budget `full`" in (sweep / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_pipeline_and_stage_cache_on_resnet32(tmp_path: Path, data_root: Path, pretrained: Path) -> None:
+    """Global pruning then 4-bit and 3-bit asym QAT of ResNet-32 (budget=debug): the second run
+    reuses the first one's pruning stage from the cache; both artifacts are ResNet-32s with
+    80% zeros and at most 2^n values per block conv."""
+    family_weights(pretrained, "resnet32")
+    for nbits in (4, 3):
+        overrides = ["model=resnet32", "prune=global", "quant=asym", f"nbits={nbits}", "budget=debug"]
+        cmd, env, run_dir = app_command(overrides, tmp_path, tmp_path / f"nbits{nbits}", ONE_THREAD)  # one stage cache
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = json.loads((run_dir / "metrics.json").read_text())
+        assert m["choices"]["model"] == "resnet32" and m["max_distinct_values"] <= 2**nbits
+        assert [s["cached"] for s in m["stages"]] == [nbits == 3, False]
+        model = load(run_dir / "model.cpk")
+        assert model.arch == "resnet32" and max(distinct_values(model).values()) <= 2**nbits
+        assert m["sparsity"]["overall"] >= 0.8
+
+
+def with_arch(blob: bytes, arch: str) -> bytes:
+    """``blob`` with its manifest's ``arch`` replaced (header and checksum redone)."""
+    payload = blob[HEADER.size:]
+    (length,) = struct.unpack_from("<I", payload)
+    manifest = json.loads(zlib.decompress(payload[4:4 + length])) | {"arch": arch}
+    packed = zlib.compress(json.dumps(manifest).encode())
+    payload = struct.pack("<I", len(packed)) + packed + payload[4 + length:]
+    return HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
+
+
+def test_artifact_records_the_architecture() -> None:
+    model = build("resnet44")
+    blob = export(Checkpoint(model.state_dict()))
+    assert load(blob).arch == "resnet44"
+    with pytest.raises(ValueError, match="artifact holds a 'resnet18', this code rebuilds resnet20, resnet32, resnet44"):
+        load(with_arch(blob, "resnet18"))
+    with pytest.raises(ValueError, match=r"^artifact does not match resnet56\(10\): missing \['layer1.7.conv1.weight', "):
+        load(with_arch(blob, "resnet56"))
+
+
+def test_artifacts_written_before_the_family_load_as_resnet20() -> None:
+    published = sorted(REPO.glob("multirun/published/*/runs/*/*/model.cpk"))
+    if not published:
+        pytest.skip("no published artifacts in this checkout")
+    for path in published[:3]:
+        assert load(path).arch == "resnet20"

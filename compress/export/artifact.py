@@ -24,7 +24,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -59,14 +59,19 @@ def reference(ckpt: Checkpoint) -> ResNet:
         raise ValueError(f"checkpoint is not one of the CIFAR ResNets ({', '.join(ARCHS)}): "
                          f"{'it has no linear.weight or layer1.0.conv1.weight' if arch is None else arch}")
     model = build(arch, int(sd["linear.weight"].shape[0]))
+    _check_matches(model, sd, "checkpoint")
+    return model
+
+
+def _check_matches(model: ResNet, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """``ValueError`` naming the first missing, unexpected and misshapen tensors of ``sd``."""
     ref = model.state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     shapes = [k for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint does not match {arch}({model.linear.out_features}): missing {missing[:3]}, "
+        raise ValueError(f"{what} does not match {model.arch}({model.linear.out_features}): missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
-    return model
 
 
 def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
@@ -170,9 +175,10 @@ def load(source: bytes | bytearray | memoryview | str | os.PathLike) -> ResNet:
         raise ValueError(f"artifact holds a {arch!r}, this code rebuilds {', '.join(ARCHS)}")
     try:
         model = build(arch, int(manifest["num_classes"]))
-        model.load_state_dict(tensors, strict=True)
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"artifact does not match {arch}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed artifact manifest: num_classes ({e})") from None
+    _check_matches(model, tensors, "artifact")
+    model.load_state_dict(tensors, strict=True)
     return model.eval()
 
 
