@@ -294,6 +294,18 @@ def test_cli_writes_artifact_next_to_checkpoint(tmp_path: Path, models: dict, ca
     assert (tmp_path / "x.cpk").stat().st_size < len(blob)
 
 
+def test_cli_keeps_a_runs_own_artifact_unless_forced(tmp_path: Path, models: dict, capsys: pytest.CaptureFixture) -> None:
+    model, ckpt, blob = models["prune+asym4"]
+    save_checkpoint(tmp_path / "run" / "model.pt", model, ckpt.masks, ckpt.meta)
+    (tmp_path / "run" / "model.cpk").write_bytes(b"the run's own")
+    assert main([str(tmp_path / "run"), "--fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'run' / 'model.cpk'} exists (the run's own artifact): give -o FILE for a new one, or --force to overwrite it"
+    assert (tmp_path / "run" / "model.cpk").read_bytes() == b"the run's own"
+    assert main([str(tmp_path / "run"), "--force"]) == 0
+    assert (tmp_path / "run" / "model.cpk").read_bytes() == blob
+
+
 def test_cli_bad_paths_exit_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,6 +1,7 @@
 """``python -m compress.export RUN_DIR [-o FILE] [--fp16] [--onnx FILE]``: pack, report, check.
 
-Writes ``RUN_DIR/model.cpk`` (or ``-o``) from ``RUN_DIR/model.pt`` and prints its size report;
+Writes ``RUN_DIR/model.cpk`` (or ``-o``) from ``RUN_DIR/model.pt`` and prints its size report
+(an existing ``model.cpk``, the run's own, is kept unless ``--force``);
 with ``--onnx FILE`` also the ONNX model, whose logits onnxruntime must reproduce on the first
 ``--check-images`` CIFAR-10 test images (default all 10,000; 0 skips the check). Exit status 2
 on bad input (one ``error:`` line), 1 if the onnxruntime check fails.
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from compress.checkpoint import Checkpoint, atomic_write, load_checkpoint
-from compress.export.artifact import SUFFIX, reference, save
+from compress.export.artifact import SUFFIX, reference, save, size_report
 
 
 def _resolve(source: str) -> Path:
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="run dir (holding model.pt) or checkpoint file")
     parser.add_argument("-o", "--output", help=f"artifact path (default: next to the checkpoint, *{SUFFIX})")
     parser.add_argument("--fp16", action="store_true", help="store unquantized floats as float16 (the artifact only)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing artifact at the default path")
     parser.add_argument("--onnx", type=Path, metavar="FILE", help="also write the network as ONNX and check it")
     parser.add_argument("--check-images", type=_count, default=10_000, metavar="N",
                         help="test images the onnxruntime check runs (default: 10000, all; 0: no check)")
@@ -115,8 +117,15 @@ def main(argv: list[str] | None = None) -> int:
             _onnx_module()
             images = _test_images(args.check_images, args.data)
         out = Path(args.output) if args.output else path.with_suffix(SUFFIX)
-        report = save(ckpt, out, "float16" if args.fp16 else "float32")
-        _print_size(out, report)
+        fp_dtype = "float16" if args.fp16 else "float32"
+        if out.exists() and not args.output and not args.force:
+            if not args.onnx:  # the run's own artifact, described by its metrics.json
+                raise ValueError(f"{out} exists (the run's own artifact): give -o FILE for a new one, or --force to overwrite it")
+            report = size_report(ckpt, fp_dtype)
+            print(f"kept {out} (exists; --force rewrites it)")
+        else:
+            report = save(ckpt, out, fp_dtype)
+            _print_size(out, report)
         ok = export_onnx(ckpt, args.onnx, report, images) if args.onnx else True
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
