@@ -60,7 +60,8 @@ class CodedWeight:
 
     @property
     def ops(self) -> str:
-        return "+".join(["DequantizeLinear", *(["Add"] if self.offset else []), *(["Where"] if self.on_grid is not None else [])])
+        """The nodes that make the weight, e.g. ``DequantizeLinear+Add``."""
+        return "+".join(["DequantizeLinear", *["Add"] * bool(self.offset), *["Where"] * (self.on_grid is not None)])
 
     def values(self) -> np.ndarray:
         """What onnxruntime computes, in float32 as it does (``compress.quant``'s two roundings)."""
@@ -169,10 +170,9 @@ def _shortcut(g: _Graph, x: str, prefix: str, stride: int, pad: int) -> str:
     if stride == 1 and pad == 0:
         return x
     big = np.iinfo(np.int64).max
-    sliced = g.op("Slice", [x, g.const(f"{prefix}.sc.starts", np.array([0, 0])), g.const(f"{prefix}.sc.ends", np.array([big, big])),
-                            g.const(f"{prefix}.sc.axes", np.array([2, 3])), g.const(f"{prefix}.sc.steps", np.array([stride, stride]))],
-                  f"{prefix}.sc.slice")
-    pads = np.array([0, pad // 2, 0, 0, 0, pad - pad // 2, 0, 0])
+    args = {"starts": [0, 0], "ends": [big, big], "axes": [2, 3], "steps": [stride, stride]}  # H and W
+    sliced = g.op("Slice", [x, *(g.const(f"{prefix}.sc.{k}", np.array(v)) for k, v in args.items())], f"{prefix}.sc.slice")
+    pads = np.array([0, pad // 2, 0, 0, 0, pad - pad // 2, 0, 0])  # N, C, H, W begins, then ends
     return g.op("Pad", [sliced, g.const(f"{prefix}.sc.pads", pads)], f"{prefix}.sc.pad", mode="constant")
 
 
