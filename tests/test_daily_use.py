@@ -1,5 +1,5 @@
 """Day-to-day use: progress lines, loggers, the debug budget, clean interrupts, file modes,
-and the config hashes that finished runs are found by."""
+and display settings kept out of the config hash (published hashes: test_config_hash.py)."""
 
 from __future__ import annotations
 
@@ -18,35 +18,9 @@ from hydra import compose, initialize_config_module
 from compress.config import config_hash
 from compress.interrupt import Interrupted, critical, stop_on_signals
 from compress.progress import check_progress, duration
-from compress.stages import stage_key
 from conftest import REPO, app_command
 
 HAS_TENSORBOARD = find_spec("tensorboard") is not None or find_spec("tensorboardX") is not None
-# Hashes of configs whose runs are published (multirun/published/): a change here means every
-# finished run would be recomputed. New options must keep them (compress/config.py NEUTRAL).
-PINNED = {
-    ("experiment=table3_4", "budget=full", "prune=global", "quant=asym", "nbits=2"): ("f01cf241eaca6771", "41441e24412160ba"),
-    ("experiment=table3_1", "budget=full", "prune=none"): ("4ae31616c6cf6b4d", None),
-    ("experiment=table3_3_strong", "budget=full", "quant=asym", "nbits=3"): ("9ac23523b94ec17e", None),
-    ("experiment=table3_1", "budget=smoke", "prune=iterative"): ("423136e1cb77ffef", "6514e62e11427939"),
-    ("experiment=table3_2", "budget=full", "quant=sym", "nbits=4"): ("8e06af50fdb985f8", None),
-}
-
-
-@pytest.mark.parametrize("overrides", list(PINNED))
-def test_published_config_hashes_are_stable(overrides: tuple[str, ...], pretrained: Path, monkeypatch) -> None:
-    """Computed with the weights' content (the published ResNet-20) and the bf16 CPU default."""
-    monkeypatch.setenv("COMPRESS_PRETRAINED", str(pretrained))
-    run_hash, stage_hash = PINNED[overrides]
-    with initialize_config_module("compress.conf", version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    if cfg.trainer.precision != "bf16-mixed":
-        pytest.skip("pinned on a CPU with native bf16 (the precision is part of the config)")
-    assert config_hash(cfg) == run_hash
-    if stage_hash:
-        assert stage_key(cfg, "x") == stage_hash
-
-
 def test_display_settings_do_not_change_the_hash() -> None:
     with initialize_config_module("compress.conf", version_base="1.3"):
         base = config_hash(compose("config"))
