@@ -3,19 +3,31 @@
 Pruning masks and fake quantization are both ``torch.nn.utils.parametrize`` parametrizations
 of ``module.weight``; when both are present the mask comes first, so the quantizer sees the
 masked tensor. :func:`bake` turns every parametrized weight back into a plain parameter
-holding the values the model computed with.
+holding the values the model computed with, and keeps a quantizer's grid beside it
+(:func:`baked_grid`): which ``(scale, offset)`` the baked values are ``code * scale + offset`` of.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.models.resnet import BasicBlock
 
 P = TypeVar("P", bound=nn.Module)
+GRID_ATTR = "baked_weight_grid"  # where bake keeps a quantized module's (scale, offset)
+
+
+class Quantizer(nn.Module):
+    """A weight parametrization onto an integer grid: its forward gives ``code * scale + offset``
+    (exact zeros kept zero), with the ``(scale, offset)`` that :meth:`grid` returns for its input."""
+
+    def grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(scale, offset)`` the forward of ``w`` uses: scalars, or per output channel."""
+        raise NotImplementedError
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -52,7 +64,19 @@ def with_parametrization(model: nn.Module, kind: type[P]) -> dict[str, P]:
 
 
 def bake(model: nn.Module) -> None:
-    """Replace every parametrized weight by a plain parameter holding its current value."""
+    """Replace every parametrized weight by a plain parameter holding its current value; where
+    a :class:`Quantizer` made it, keep its grid for :func:`baked_grid`."""
     for m in list(model.modules()):
         if parametrize.is_parametrized(m, "weight"):
+            with torch.no_grad():
+                w = m.parametrizations.weight.original
+                for p in m.parametrizations.weight:
+                    if isinstance(p, Quantizer):
+                        setattr(m, GRID_ATTR, tuple(t.clone() for t in p.grid(w)))
+                    w = p(w)
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+
+def baked_grid(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(scale, offset)`` of the quantizer :func:`bake` removed from ``module``, if any."""
+    return getattr(module, GRID_ATTR, None)

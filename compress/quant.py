@@ -1,4 +1,4 @@
-"""Per-tensor fixed-point fake quantization of weights, installed by a Lightning callback.
+"""Fixed-point fake quantization of weights, installed by a Lightning callback.
 
 The quantizers follow the seed report's semantics:
 
@@ -11,6 +11,11 @@ The quantizers follow the seed report's semantics:
 ``clip * [min, max]`` (``clip * max|w|``), weights beyond it rounding to the end levels, with
 ``clip`` the factor that minimizes the quantization error of the tensor's nonzero weights; it is
 chosen once, when the quantizer is installed, and kept while fine-tuning moves the weights.
+
+``granularity="channel"`` (beyond the seed) gives every output channel (dim 0) its own range,
+so its own ``(scale, offset)`` and, with ``clip="mse"``, its own clip factor; ``"tensor"`` (the
+seed's) one for the whole tensor. ``learn_range=True`` makes the scale (and the ``asym`` offset)
+trainable instead of following the weights' range (LSQ, see :mod:`compress.lsq`).
 
 Weights that are exactly zero stay exactly zero, so pruned weights stay pruned. The backward
 pass is the straight-through estimator: the gradient w.r.t. the latent weight is the identity
@@ -30,13 +35,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.layers import bake, block_convs, network, with_parametrization
+from compress.layers import Quantizer, bake, baked_grid, block_convs, network, with_parametrization
+from compress.lsq import LearnedFakeQuant
 
 Mode = Literal["sym", "asym"]
 MODES: tuple[str, ...] = ("sym", "asym")
 NBITS_RANGE: tuple[int, int] = (2, 8)
 CLIPS: tuple[str, ...] = ("minmax", "mse")
 CLIP_GRID = torch.linspace(0.2, 1.0, 41).tolist()  # range factors the mse search tries
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel")
 
 
 def check_nbits(nbits: object) -> int:
@@ -61,14 +68,43 @@ def check_clip(clip: object) -> str:
     return clip
 
 
-def quant_params(w: torch.Tensor, mode: Mode, nbits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor ``(scale, offset)`` so that ``w_q = code * scale + offset``, for the range
-    ``clip * [min, max]`` (asym) or ``clip * max|w|`` (sym)."""
+def check_granularity(granularity: object) -> str:
+    """Return ``granularity`` or raise ``ValueError`` naming it and the allowed values."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"quant.granularity={granularity!r} is not allowed: use one of {', '.join(GRANULARITIES)}")
+    return granularity  # type: ignore[return-value]
+
+
+def check_learn_range(learn_range: object) -> bool:
+    """Return ``learn_range`` or raise ``ValueError`` naming it and the allowed values."""
+    if not isinstance(learn_range, bool):
+        raise ValueError(f"quant.learn_range={learn_range!r} is not allowed: use true or false")
+    return learn_range
+
+
+Clip = float | torch.Tensor  # one factor, or one per output channel (shaped like a per-channel scale)
+
+
+def _extreme(w: torch.Tensor, op: str, channel: bool) -> torch.Tensor:
+    """``w.amin()``/``w.amax()`` (``op``) over the whole tensor, or per output channel shaped
+    ``C x 1 x ...`` so that it broadcasts against ``w``."""
+    if not channel:
+        return getattr(w, op)()
+    return getattr(w.reshape(w.shape[0], -1), op)(1).reshape(-1, *[1] * (w.dim() - 1))
+
+
+def quant_params(
+    w: torch.Tensor, mode: Mode, nbits: int, clip: Clip = 1.0, channel: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` so that ``w_q = code * scale + offset``, for the range
+    ``clip * [min, max]`` (asym) or ``clip * max|w|`` (sym): scalars, or per output channel
+    (``channel``) shaped ``C x 1 x ...``."""
     if mode == "asym":
-        lo, hi = w.min() * clip, w.max() * clip
+        lo, hi = _extreme(w, "amin", channel) * clip, _extreme(w, "amax", channel) * clip
         scale, offset = (hi - lo) / (2**nbits - 1), lo
     else:
-        scale, offset = w.abs().max() * clip / (2 ** (nbits - 1) - 1), torch.zeros_like(w.flatten()[0])
+        scale = _extreme(w.abs(), "amax", channel) * clip / (2 ** (nbits - 1) - 1)
+        offset = torch.zeros_like(scale)
     return scale.clamp_min(torch.finfo(w.dtype).tiny), offset
 
 
@@ -78,70 +114,96 @@ def code_range(mode: Mode, nbits: int) -> tuple[int, int]:
 
 
 def quantize_codes(
-    w: torch.Tensor, mode: Mode, nbits: int, clip: float = 1.0
+    w: torch.Tensor, mode: Mode, nbits: int, clip: Clip = 1.0, channel: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes of ``w`` (in :func:`code_range`) and its ``(scale, offset)``."""
-    scale, offset = quant_params(w, mode, nbits, clip)
+    scale, offset = quant_params(w, mode, nbits, clip, channel)
     return torch.round((w - offset) / scale).clamp(*code_range(mode, nbits)), scale, offset
 
 
-def quantize(w: torch.Tensor, mode: Mode, nbits: int, clip: float = 1.0) -> torch.Tensor:
-    """Quantize-dequantize ``w`` (no gradient tricks); exact zeros stay zero."""
-    codes, scale, offset = quantize_codes(w, mode, nbits, clip)
+def quantize(w: torch.Tensor, mode: Mode, nbits: int, clip: Clip = 1.0, channel: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (no gradient tricks), per tensor or per output channel
+    (``channel``); exact zeros stay zero."""
+    codes, scale, offset = quantize_codes(w, mode, nbits, clip, channel)
     return torch.where(w == 0, torch.zeros_like(w), codes * scale + offset)
 
 
+def _squared_error(w: torch.Tensor, q: torch.Tensor, channel: bool) -> torch.Tensor:
+    """Squared error of ``q`` on ``w``'s nonzero weights: in all, or per output channel."""
+    if not channel:
+        return ((q - w)[w != 0] ** 2).sum()
+    return (((q - w) * (w != 0)) ** 2).reshape(w.shape[0], -1).sum(1)
+
+
 @torch.no_grad()
-def mse_clip(w: torch.Tensor, mode: Mode, nbits: int) -> float:
+def mse_clip(w: torch.Tensor, mode: Mode, nbits: int, channel: bool = False) -> Clip:
     """The factor of :data:`CLIP_GRID` whose clipped range quantizes ``w``'s nonzero weights
-    with the least squared error."""
-    errors = [float(((quantize(w, mode, nbits, c) - w)[w != 0] ** 2).sum()) for c in CLIP_GRID]
-    return CLIP_GRID[errors.index(min(errors))]
+    with the least squared error (the first such): one, or per output channel (``channel``)
+    a tensor of them shaped ``C x 1 x ...``."""
+    errors = torch.stack([_squared_error(w, quantize(w, mode, nbits, c, channel), channel) for c in CLIP_GRID])
+    best = errors.argmin(0)
+    if not channel:
+        return CLIP_GRID[int(best)]
+    return torch.tensor(CLIP_GRID, dtype=w.dtype, device=w.device)[best].reshape(-1, *[1] * (w.dim() - 1))
 
 
 class _StraightThrough(torch.autograd.Function):
     """``quantize`` forward (bit-exact levels), identity backward."""
 
     @staticmethod
-    def forward(ctx: object, w: torch.Tensor, mode: Mode, nbits: int, clip: float) -> torch.Tensor:
-        return quantize(w, mode, nbits, clip)
+    def forward(ctx: object, w: torch.Tensor, mode: Mode, nbits: int, clip: torch.Tensor, channel: bool) -> torch.Tensor:
+        return quantize(w, mode, nbits, clip, channel)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return grad, None, None, None
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        return grad, None, None, None, None
 
 
-class FakeQuant(nn.Module):
-    """Parametrization: forward is ``quantize(w, clip=clip)``, backward is straight-through."""
+class FakeQuant(Quantizer):
+    """Parametrization: forward is ``quantize(w, clip=clip, channel=channel)``, backward is
+    straight-through. ``clip`` is kept as a (non-persistent) buffer, so it moves with the model."""
 
-    def __init__(self, mode: Mode, nbits: int, clip: float = 1.0) -> None:
+    clip: torch.Tensor
+
+    def __init__(self, mode: Mode, nbits: int, clip: Clip = 1.0, channel: bool = False) -> None:
         super().__init__()
-        self.mode, self.nbits, self.clip = check_mode(mode), check_nbits(nbits), clip
+        self.mode, self.nbits, self.channel = check_mode(mode), check_nbits(nbits), channel
+        self.register_buffer("clip", torch.as_tensor(clip, dtype=torch.float32), persistent=False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(w, self.mode, self.nbits, self.clip)
+        return _StraightThrough.apply(w, self.mode, self.nbits, self.clip, self.channel)
+
+    def grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quant_params(w, self.mode, self.nbits, self.clip, self.channel)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, nbits={self.nbits}, clip={self.clip:g}"
+        clip = f"{float(self.clip):g}" if self.clip.dim() == 0 else f"{self.clip.numel()} per-channel factors"
+        return f"mode={self.mode}, nbits={self.nbits}, clip={clip}, granularity={'channel' if self.channel else 'tensor'}"
 
 
 class QuantizationCallback(pl.Callback):
     """Fake-quantize the weights of the residual-block convolutions while training and testing.
 
-    Installs a :class:`FakeQuant` parametrization on every selected layer in ``setup`` (once;
-    later ``setup`` calls of the same trainer are no-ops) and bakes the quantized values into
-    plain weights in :meth:`remove`. Register it *after* a pruning callback so the quantizer
-    sees the masked weights.
+    Installs a quantizer parametrization (:class:`FakeQuant`, or with ``learn_range`` a
+    :class:`compress.lsq.LearnedFakeQuant`) on every selected layer in ``setup`` (once; later
+    ``setup`` calls of the same trainer are no-ops) and bakes the quantized values into plain
+    weights in :meth:`remove`. Register it *after* a pruning callback so the quantizer sees the
+    masked weights.
 
     Args:
         mode: ``"sym"`` or ``"asym"`` (see the module docstring for the formulas).
         nbits: bit width, 2..8.
-        clip: ``"minmax"`` (the seed's full range) or ``"mse"`` (per tensor, the range factor
-            that minimizes the quantization error, found at install).
+        clip: ``"minmax"`` (the seed's full range) or ``"mse"`` (per tensor or channel, the
+            range factor that minimizes the quantization error, found at install).
+        granularity: ``"tensor"`` (one range per tensor) or ``"channel"`` (one per output channel).
+        learn_range: train the scale (and ``asym`` offset), initialized from the range above.
     """
 
-    def __init__(self, mode: Mode, nbits: int, clip: str = "minmax") -> None:
+    def __init__(self, mode: Mode, nbits: int, clip: str = "minmax", granularity: str = "tensor",
+                 learn_range: bool = False) -> None:
         self.mode, self.nbits, self.clip = check_mode(mode), check_nbits(nbits), check_clip(clip)
+        self.channel = check_granularity(granularity) == "channel"
+        self.learn_range = check_learn_range(learn_range)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.install(network(pl_module))
@@ -158,13 +220,28 @@ class QuantizationCallback(pl.Callback):
 
     def install(self, model: nn.Module) -> None:
         """Parametrize the block convolutions of ``model`` (no-op if already done)."""
-        if with_parametrization(model, FakeQuant):
+        if with_parametrization(model, Quantizer):
             return
         for m in self.check(model).values():
-            factor = mse_clip(m.weight, self.mode, self.nbits) if self.clip == "mse" else 1.0
-            parametrize.register_parametrization(m, "weight", FakeQuant(self.mode, self.nbits, factor))
+            parametrize.register_parametrization(m, "weight", self.quantizer(m.weight.detach()))
+
+    def quantizer(self, w: torch.Tensor) -> Quantizer:
+        """The parametrization for the (masked) weight ``w``."""
+        factor = mse_clip(w, self.mode, self.nbits, self.channel) if self.clip == "mse" else 1.0
+        if not self.learn_range:
+            return FakeQuant(self.mode, self.nbits, factor, self.channel)
+        scale, offset = quant_params(w, self.mode, self.nbits, factor, self.channel)
+        return LearnedFakeQuant(scale, offset, code_range(self.mode, self.nbits), learn_offset=self.mode == "asym")
 
     @staticmethod
     def remove(model: nn.Module) -> None:
         """Bake the quantized (and masked) weights into plain parameters."""
         bake(model)
+
+
+def baked_grids(model: nn.Module) -> dict[str, dict[str, list[float]]]:
+    """The ``(scale, offset)`` every baked block conv was quantized with (one each, or one per
+    output channel), by weight name: what ``compress.export`` stores the codes with."""
+    grids = {f"{n}.weight": baked_grid(m) for n, m in block_convs(model).items()}
+    return {n: {"scale": g[0].flatten().tolist(), "offset": g[1].flatten().tolist()}
+            for n, g in grids.items() if g is not None}

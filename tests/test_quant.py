@@ -1,4 +1,5 @@
-"""Fake quantization: the formulas, level counts, zeros, STE gradient, callback install/bake."""
+"""Fake quantization: the formulas, level counts, zeros, STE gradient, callback install/bake;
+per-channel ranges and learned (LSQ) ranges."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.layers import block_convs, weight_parametrization, with_parametrization
+from compress.layers import bake, baked_grid, block_convs, weight_parametrization, with_parametrization
+from compress.lsq import LearnedFakeQuant
 from compress.quant import (
-    CLIP_GRID, FakeQuant, QuantizationCallback, check_mode, check_nbits, code_range, mse_clip, quantize, quantize_codes,
+    CLIP_GRID, FakeQuant, QuantizationCallback, baked_grids, check_mode, check_nbits, code_range, mse_clip, quantize,
+    quantize_codes,
 )
 from compress.stats import distinct_values
 
@@ -278,3 +281,138 @@ def test_mse_callback_installs_a_clip_per_tensor(resnet: torch.nn.Module) -> Non
     QuantizationCallback("asym", 2, "mse").install(resnet)
     clips = {n: weight_parametrization(m, FakeQuant).clip for n, m in block_convs(resnet).items()}
     assert len(clips) == 18 and all(c < 1.0 for c in clips.values()), clips
+
+
+# --------------------------------------------------------------- per-channel ranges, LSQ
+
+
+def channel_spread(seed: int = 0, zeros: float = 0.0) -> torch.Tensor:
+    """A conv weight whose output channels differ in magnitude by up to 30x, as trained ones do."""
+    w = rand(16, 8, 3, 3, seed=seed, zeros=zeros)
+    return w * torch.logspace(-1.5, 0, 16).view(-1, 1, 1, 1)
+
+
+def per_channel_distinct(w: torch.Tensor) -> int:
+    return max(int(torch.unique(c[c != 0]).numel()) for c in w)
+
+
+@pytest.mark.parametrize("nbits", (2, 3, 4, 8))
+@pytest.mark.parametrize("mode", MODES)
+def test_per_channel_is_per_tensor_on_each_channel(mode: str, nbits: int) -> None:
+    w = channel_spread(seed=nbits, zeros=0.3)
+    q = quantize(w, mode, nbits, channel=True)
+    for c in range(len(w)):
+        assert torch.equal(q[c], spec_quantize(w[c], mode, nbits))
+    assert per_channel_distinct(q) <= 2**nbits
+    assert (q[w == 0] == 0).all()
+    codes, scale, offset = quantize_codes(w, mode, nbits, channel=True)
+    assert scale.shape == offset.shape == (16, 1, 1, 1)
+    lo, hi = code_range(mode, nbits)
+    assert lo <= codes.min() and codes.max() <= hi
+
+
+@pytest.mark.parametrize("clip", ("minmax", "mse"))
+@pytest.mark.parametrize("mode", MODES)
+def test_per_channel_lowers_the_error(mode: str, clip: str) -> None:
+    w = channel_spread(seed=1, zeros=0.5)
+    err = lambda x: float(((x - w)[w != 0] ** 2).sum())  # noqa: E731
+    factors = {ch: mse_clip(w, mode, 2, ch) if clip == "mse" else 1.0 for ch in (False, True)}
+    per_tensor, per_channel = (quantize(w, mode, 2, factors[ch], ch) for ch in (False, True))
+    assert err(per_channel) < 0.8 * err(per_tensor)
+    assert per_channel_distinct(per_channel) <= 4 and torch.unique(per_tensor[w != 0]).numel() <= 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_channel_mse_clip_picks_a_factor_per_channel(mode: str) -> None:
+    w = channel_spread(seed=2, zeros=0.2)
+    clip = mse_clip(w, mode, 3, channel=True)
+    assert isinstance(clip, torch.Tensor) and clip.shape == (16, 1, 1, 1)
+    assert set(clip.flatten().tolist()) <= set(CLIP_GRID)
+    for c in (0, 7, 15):  # each channel's factor is the per-tensor search on that channel alone
+        assert float(clip[c]) == mse_clip(w[c], mode, 3)
+
+
+def test_per_channel_on_real_weights(pretrained) -> None:
+    from compress.checkpoint import load_checkpoint
+
+    w = load_checkpoint(str(pretrained)).state_dict["layer2.0.conv1.weight"]
+    err = lambda x: float(((x - w) ** 2).sum())  # noqa: E731
+    for mode in MODES:
+        assert err(quantize(w, mode, 3, channel=True)) < err(quantize(w, mode, 3))
+
+
+def learned(w: torch.Tensor, mode: str, nbits: int, channel: bool) -> nn.Conv2d:
+    conv = nn.Conv2d(w.shape[1], w.shape[0], 3, bias=False)
+    conv.weight.data.copy_(w)
+    cb = QuantizationCallback(mode, nbits, granularity="channel" if channel else "tensor", learn_range=True)
+    parametrize.register_parametrization(conv, "weight", cb.quantizer(conv.weight.detach()))
+    return conv
+
+
+@pytest.mark.parametrize("channel", (False, True))
+@pytest.mark.parametrize("mode", MODES)
+def test_learned_range_starts_at_the_fixed_one_and_gets_lsq_gradients(mode: str, channel: bool) -> None:
+    w = channel_spread(seed=3, zeros=0.4)
+    conv = learned(w, mode, 3, channel)
+    lsq = weight_parametrization(conv, LearnedFakeQuant)
+    assert lsq is not None and torch.equal(conv.weight.detach(), quantize(w, mode, 3, channel=channel))
+    assert lsq.scale.shape == ((16, 1, 1, 1) if channel else ())
+    assert isinstance(lsq.offset, nn.Parameter) == (mode == "asym")
+    g = torch.randn_like(w)
+    (conv.weight * g).sum().backward()
+    # LSQ: d w_q / d scale = code - (w - offset) / scale inside the range, code at or beyond its
+    # ends (where torch.clamp passes no gradient); times 1/sqrt(N * Q_p)
+    n = w.numel() // lsq.scale.numel()
+    x = (w - lsq.offset.detach()) / lsq.scale.detach()
+    lo, hi = code_range(mode, 3)
+    dq = torch.where(w == 0, 0.0, x.clamp(lo, hi).round() - torch.where((x > lo) & (x < hi), x, 0.0))
+    expected = (g * dq).sum(dim=(1, 2, 3), keepdim=True) if channel else (g * dq).sum()
+    torch.testing.assert_close(lsq.scale.grad, expected / (n * hi) ** 0.5)
+    original = conv.parametrizations.weight.original
+    assert (original.grad[w == 0] == 0).all()  # pruned weights: no gradient, and they stay zero
+
+
+@pytest.mark.parametrize("channel", (False, True))
+@pytest.mark.parametrize("mode", MODES)
+def test_learned_range_trains_and_bakes_onto_its_recorded_grid(mode: str, channel: bool) -> None:
+    torch.manual_seed(0)
+    w = channel_spread(seed=4, zeros=0.5)
+    conv = learned(w, mode, 2, channel)
+    lsq = weight_parametrization(conv, LearnedFakeQuant)
+    start = [p.detach().clone() for p in lsq.parameters()]
+    assert len(start) == (2 if mode == "asym" else 1)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.05)
+    x, target = torch.randn(8, 8, 6, 6), torch.randn(8, 16, 4, 4)
+    for _ in range(5):
+        opt.zero_grad()
+        ((conv(x) - target) ** 2).mean().backward()
+        opt.step()
+    assert all(not torch.equal(p, s) for p, s in zip(lsq.parameters(), start))  # scale (and offset) moved
+    bake(conv)
+    baked = conv.weight.detach()
+    assert (baked[w == 0] == 0).all()
+    assert per_channel_distinct(baked) <= 4 and (channel or torch.unique(baked[baked != 0]).numel() <= 4)
+    scale, offset = baked_grid(conv)
+    assert torch.equal(scale, lsq.scale.detach()) and torch.equal(offset, lsq.offset.detach())
+    codes = torch.round((baked - offset) / scale).clamp(*code_range(mode, 2))
+    assert torch.equal(torch.where(baked == 0, 0.0, codes * scale + offset), baked)  # bit for bit
+
+
+def test_fixed_quantizers_record_their_grid_at_bake(resnet: nn.Module) -> None:
+    QuantizationCallback("asym", 3, "mse", "channel").install(resnet)
+    latent = {n: m.weight.detach().clone() for n, m in block_convs(resnet).items()}
+    bake(resnet)
+    grids = baked_grids(resnet)
+    assert set(grids) == {f"{n}.weight" for n in latent}
+    for n, w in latent.items():
+        scale, offset = (torch.tensor(grids[f"{n}.weight"][k]).view(-1, 1, 1, 1) for k in ("scale", "offset"))
+        assert len(scale) == w.shape[0]
+        codes = torch.round((w - offset) / scale).clamp(0, 7)
+        assert torch.equal(resnet.get_submodule(n).weight.detach(), torch.where(w == 0, 0.0, codes * scale + offset))
+
+
+def test_granularity_and_learn_range_validate() -> None:
+    with pytest.raises(ValueError, match="quant.granularity='row' is not allowed: use one of tensor, channel"):
+        QuantizationCallback("asym", 3, granularity="row")
+    with pytest.raises(ValueError, match="quant.learn_range='yes' is not allowed: use true or false"):
+        QuantizationCallback("asym", 3, learn_range="yes")  # type: ignore[arg-type]
