@@ -17,6 +17,7 @@ from compress.checkpoint import Checkpoint, save_checkpoint
 from compress.export import (
     HEADER,
     VERSION,
+    VERSIONS,
     delta_bits,
     delta_decode,
     delta_encode,
@@ -30,10 +31,11 @@ from compress.export import (
     size_report,
     unpack_bits,
 )
-from compress.layers import bake, block_convs
+from compress.layers import bake, block_convs, with_parametrization
+from compress.lsq import LearnedFakeQuant
 from compress.models.resnet import resnet20
 from compress.prune import PruningCallback, current_masks
-from compress.quant import QuantizationCallback, quantize
+from compress.quant import QuantizationCallback, baked_grids, quantize
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,9 +47,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def baked(prune: bool, quant: tuple[str, int] | None, seed: int = 0) -> tuple[nn.Module, Checkpoint]:
-    """A random ResNet-20 (random BatchNorm statistics too), pruned to 80% and/or quantized,
-    baked, with the checkpoint train.py would save for it."""
+def baked(prune: bool, quant: tuple | None, seed: int = 0, record: bool = False) -> tuple[nn.Module, Checkpoint]:
+    """A random ResNet-20 (random BatchNorm statistics too), pruned to 80% and/or quantized
+    (``quant``: QuantizationCallback's arguments), baked, with the checkpoint train.py would save
+    for it; ``record``: with the grids it was baked with, as train.py records them. Learned
+    ranges are moved off their initial (min/max) range first, as training would."""
     torch.manual_seed(seed)
     model = resnet20()
     for m in model.modules():
@@ -62,28 +66,41 @@ def baked(prune: bool, quant: tuple[str, int] | None, seed: int = 0) -> tuple[nn
         PruningCallback(0.8).install(model)
         masks = current_masks(model)
     if quant:
-        QuantizationCallback(*quant).install(model)
+        cb = QuantizationCallback(*quant)
+        cb.install(model)
+        for lsq in with_parametrization(model, LearnedFakeQuant).values():
+            with torch.no_grad():
+                lsq.scale.mul_(torch.empty_like(lsq.scale).uniform_(0.6, 1.3))
+                if isinstance(lsq.offset, nn.Parameter):  # asym
+                    lsq.offset.add_(0.3 * lsq.scale)
     bake(model)
-    meta = {"quant": {"mode": quant[0], "nbits": quant[1]} if quant else None}
+    meta = {"quant": {"mode": cb.mode, "nbits": cb.nbits, "granularity": "channel" if cb.channel else "tensor",
+                      **({"grids": baked_grids(model)} if record else {})} if quant else None}
     return model.eval(), Checkpoint(model.state_dict(), masks, meta)
 
 
-CASES = {
-    "quant-asym4": (False, ("asym", 4)),
-    "quant-sym3": (False, ("sym", 3)),
-    "prune": (True, None),
-    "prune+asym4": (True, ("asym", 4)),
-    "prune+sym3": (True, ("sym", 3)),
-    "asym2-mse": (False, ("asym", 2, "mse")),  # clipped ranges: the extremes are clipped levels
-    "prune+sym2-mse": (True, ("sym", 2, "mse")),
+CASES = {  # name: (prune, QuantizationCallback arguments, grids recorded)
+    "quant-asym4": (False, ("asym", 4), False),
+    "quant-sym3": (False, ("sym", 3), False),
+    "prune": (True, None, False),
+    "prune+asym4": (True, ("asym", 4), False),
+    "prune+sym3": (True, ("sym", 3), False),
+    "asym2-mse": (False, ("asym", 2, "mse"), False),  # clipped ranges: the extremes are clipped levels
+    "prune+sym2-mse": (True, ("sym", 2, "mse"), False),
+    "asym4-recorded": (False, ("asym", 4), True),
+    "prune+asym3-channel": (True, ("asym", 3, "minmax", "channel"), True),
+    "sym2-mse-channel-fitted": (False, ("sym", 2, "mse", "channel"), False),  # no grids: fitted per channel
+    "prune+asym2-learned": (True, ("asym", 2, "minmax", "tensor", True), True),
+    "prune+asym2-mse-channel-learned": (True, ("asym", 2, "mse", "channel", True), True),
+    "sym3-channel-learned": (False, ("sym", 3, "minmax", "channel", True), True),
 }
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, tuple[nn.Module, Checkpoint, bytes]]:
     out = {}
-    for name, (prune, quant) in CASES.items():
-        model, ckpt = baked(prune, quant)
+    for name, (prune, quant, record) in CASES.items():
+        model, ckpt = baked(prune, quant, record=record)
         out[name] = (model, ckpt, export(ckpt))
     return out
 
@@ -199,6 +216,39 @@ def test_round_trip_reproduces_weights_and_logits(models: dict, case: str) -> No
     assert diff < 1e-5
 
 
+def test_per_channel_records_one_grid_per_channel_in_a_version_2_artifact(models: dict) -> None:
+    for case, (_, quant, _) in CASES.items():
+        _, ckpt, blob = models[case]
+        channel = bool(quant) and len(quant) > 3 and quant[3] == "channel"
+        assert struct.unpack_from("<H", blob, 4)[0] == (2 if channel else 1), case  # v1 unless it needs v2
+    _, ckpt, blob = models["prune+asym3-channel"]
+    w = ckpt.state_dict["layer3.0.conv1.weight"]
+    assert max(torch.unique(c[c != 0]).numel() for c in w) <= 8 < torch.unique(w[w != 0]).numel()
+    per_tensor = size_report(baked(True, ("asym", 3))[1])
+    report = size_report(ckpt)
+    # the same codes and index; a record head of 6 + 8 * channels bytes instead of 10, and the manifest says so
+    extra = sum(8 * ckpt.state_dict[f"{n}.weight"].shape[0] - 4 for n in block_convs(resnet20()))
+    assert report["compressed_bytes"] - per_tensor["compressed_bytes"] == pytest.approx(extra, abs=30)
+
+
+@pytest.mark.parametrize("case", ["prune+asym2-learned", "prune+asym2-mse-channel-learned", "sym3-channel-learned"])
+def test_learned_grids_are_exported_as_recorded(models: dict, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A learned range's extremes need not be levels: the grids come from the record (which
+    must match bit for bit), not from fitting the values."""
+    model, ckpt, blob = models[case]
+
+    def no_fitting(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fit_grid called although the grids are recorded")
+
+    monkeypatch.setattr("compress.export.grid.fit_grid", no_fitting)
+    assert export(ckpt) == blob
+    quant = {k: v for k, v in ckpt.meta["quant"].items() if k != "grids"}
+    grids = {n: dict(g) for n, g in ckpt.meta["quant"]["grids"].items()}
+    grids["layer1.0.conv1.weight"]["scale"] = [v * 1.001 for v in grids["layer1.0.conv1.weight"]["scale"]]
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight: \d+ weights are off their recorded"):
+        export(Checkpoint(ckpt.state_dict, ckpt.masks, {"quant": {**quant, "grids": grids}}))
+
+
 def test_load_reads_a_path(tmp_path: Path, artifact: bytes) -> None:
     (tmp_path / "m.cpk").write_bytes(artifact)
     assert isinstance(load(tmp_path / "m.cpk"), nn.Module)
@@ -244,7 +294,7 @@ def test_truncation_is_detected(artifact: bytes, keep: int) -> None:
 
 def test_wrong_version_and_magic_are_detected(artifact: bytes) -> None:
     newer = artifact[:4] + struct.pack("<H", VERSION + 1) + artifact[6:]
-    with pytest.raises(ValueError, match=rf"unsupported artifact version {VERSION + 1} \(this code reads {VERSION}\)"):
+    with pytest.raises(ValueError, match=rf"unsupported artifact version {VERSION + 1} \(this code reads 1, 2\)"):
         load(newer)
     with pytest.raises(ValueError, match="bad magic"):
         load(b"PK\x03\x04" + artifact[4:])

@@ -22,10 +22,10 @@ from compress.export.onnx_model import MAX_LOGIT_DIFF, compare, session, to_onnx
 from compress.layers import bake, block_convs  # noqa: E402
 from compress.models import build  # noqa: E402
 from compress.prune import PruningCallback, current_masks  # noqa: E402
-from compress.quant import QuantizationCallback  # noqa: E402
+from compress.quant import QuantizationCallback, baked_grids  # noqa: E402
 
 
-def baked(arch: str, prune: bool, quant: tuple[str, int] | None, seed: int = 0) -> tuple[nn.Module, Checkpoint]:
+def baked(arch: str, prune: bool, quant: tuple | None, seed: int = 0) -> tuple[nn.Module, Checkpoint]:
     """A random ``arch``, pruned to 80% and/or quantized, baked, with the checkpoint
     compress.train would save for it. Its BatchNorm statistics are estimated on random images,
     so activations and logits have a trained network's scale (a deep net with made-up
@@ -46,7 +46,9 @@ def baked(arch: str, prune: bool, quant: tuple[str, int] | None, seed: int = 0) 
             m.momentum = None  # a plain average over the batches below
     with torch.no_grad():
         model.train()(torch.randn(64, 3, 32, 32))
-    meta = {"quant": {"mode": quant[0], "nbits": quant[1]} if quant else None}
+    granularity = quant[3] if quant and len(quant) > 3 else "tensor"
+    meta = {"quant": {"mode": quant[0], "nbits": quant[1], "granularity": granularity, "grids": baked_grids(model)}
+            if quant else None}
     return model.eval(), Checkpoint(model.state_dict(), masks, meta)
 
 
@@ -57,6 +59,10 @@ CASES = {  # (arch, prune, quant): how the quantized convs are stored
     ("resnet32", True, ("asym", 6)): "UINT8 codes + DequantizeLinear+Add+Where",
     ("resnet56", True, ("asym", 4)): "UINT4 codes + DequantizeLinear+Add+Where",
     ("resnet44", True, None): None,
+    # QuantizationCallback(mode, nbits, clip, granularity, learn_range)
+    ("resnet20", True, ("asym", 3, "minmax", "channel")): "UINT4 codes + DequantizeLinear(axis=0)+Add+Where",
+    ("resnet20", False, ("sym", 4, "mse", "channel", True)): "INT4 codes + DequantizeLinear(axis=0)",
+    ("resnet32", True, ("asym", 2, "mse", "tensor", True)): "UINT4 codes + DequantizeLinear+Add+Where",
 }
 
 
@@ -72,7 +78,7 @@ def weight_values(proto: onnx.ModelProto, names: list[str]) -> dict[str, np.ndar
 
 
 @pytest.mark.parametrize(("arch", "prune", "quant"), list(CASES))
-def test_onnx_holds_the_weights_and_matches_pytorch(arch: str, prune: bool, quant: tuple[str, int] | None) -> None:
+def test_onnx_holds_the_weights_and_matches_pytorch(arch: str, prune: bool, quant: tuple | None) -> None:
     model, ckpt = baked(arch, prune, quant)
     graph = to_onnx(ckpt)
     assert graph.proto.graph.name == arch

@@ -9,7 +9,8 @@ plain network it records (ResNet-20/32/44/56) computing the same logits as the b
 Modules, by concern:
 
 - ``bits``: bit packing and the delta-coded sparse index;
-- ``grid``: the exact ``(scale, offset)`` and integer codes of a quantized tensor;
+- ``grid``: the exact ``(scale, offset)`` and integer codes of a quantized tensor (or of each
+  output channel of one);
 - ``records``: one tensor as a record (kind, dense/bitmask/delta layout, values);
 - ``artifact``: the file (header, manifest, records), :func:`export`, :func:`save`,
   :func:`load`, :func:`size_report`;
@@ -22,10 +23,13 @@ What goes where in the artifact:
 - *Quantized* tensors are the residual-block conv weights when ``meta["quant"]`` is set. Each
   stored entry is an integer code ``c`` with ``value = (c - shift) * scale + offset`` in
   float32, exactly as :func:`compress.quant.quantize` computes it (``shift`` is 0 for
-  ``asym``, ``2^(n-1) - 1`` for ``sym`` so the codes fit in n unsigned bits). The baked
-  tensor's min/max need not give back the latent tensor's ``scale`` bit for bit, so
-  :func:`fit_grid` searches the few float32 neighbours of the estimate for a ``(scale, offset)``
-  that reproduces every value, and export fails with ``ValueError`` if none does.
+  ``asym``, ``2^(n-1) - 1`` for ``sym`` so the codes fit in n unsigned bits), with one
+  ``(scale, offset)`` per tensor, or per output channel (``meta["quant"]["granularity"]``).
+  They are the ones recorded when the weights were baked (``meta["quant"]["grids"]``), which
+  learned ranges need; for checkpoints without them, the baked tensor's min/max need not give
+  back the latent tensor's ``scale`` bit for bit, so :func:`fit_grid` searches the few float32
+  neighbours of the estimate for a ``(scale, offset)`` that reproduces every value. Either way
+  export fails with ``ValueError`` unless every value comes back exactly.
 - *Sparse* layouts store only the nonzero entries; zeros come back as zeros. The layout
   (dense / bitmask / delta, and the delta width) is picked per tensor as the smallest, so
   pruned tensors (zeros outside their mask) go sparse and the rest stay dense. Dense is only
@@ -37,13 +41,14 @@ What goes where in the artifact:
   ``num_batches_tracked`` and other integer buffers use the fewest bytes that hold them.
 """
 
-from compress.export.artifact import HEADER, MAGIC, SUFFIX, VERSION, export, load, save, size_report
+from compress.export.artifact import HEADER, MAGIC, SUFFIX, VERSION, VERSIONS, export, load, save, size_report
 from compress.export.bits import delta_bits, delta_decode, delta_encode, pack_bits, packed_size, unpack_bits
 from compress.export.cli import main
-from compress.export.grid import dequantize, fit_grid
+from compress.export.grid import QuantSpec, dequantize, fit_grid
 from compress.export.records import FP_DTYPES
 
 __all__ = [
-    "FP_DTYPES", "HEADER", "MAGIC", "SUFFIX", "VERSION", "delta_bits", "delta_decode", "delta_encode", "dequantize",
-    "export", "fit_grid", "load", "main", "pack_bits", "packed_size", "save", "size_report", "unpack_bits",
+    "FP_DTYPES", "HEADER", "MAGIC", "QuantSpec", "SUFFIX", "VERSION", "VERSIONS", "delta_bits", "delta_decode",
+    "delta_encode", "dequantize", "export", "fit_grid", "load", "main", "pack_bits", "packed_size", "save",
+    "size_report", "unpack_bits",
 ]

@@ -4,17 +4,20 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       4     magic b"CMPK"
-    4       2     format version (u16), currently 1
+    4       2     format version (u16): 1, or 2 where some record has a grid per output channel
     6       4     payload length in bytes (u32)
     10      4     CRC-32 of the payload (u32, zlib.crc32)
     14      ...   payload:
                     u32 manifest length, zlib-compressed JSON manifest
                       {"arch", "num_classes", "quant", "fp_dtype", "tensors": [[name, shape], ...]}
+                      ("quant": {"mode", "nbits"}, plus "granularity": "channel" where per channel)
                     one record per manifest tensor, in manifest order (see ``records``)
 
 ``arch`` names the network (``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``), told from
 the checkpoint's parameter names when it is written. Version 1 always had the field; before the
 model family it could only say ``resnet20``, so every earlier artifact loads as before.
+Version 2 adds the per-channel record kind; an artifact without one is written as version 1,
+readable by older code, and this code reads both.
 """
 
 from __future__ import annotations
@@ -30,24 +33,33 @@ import numpy as np
 import torch
 
 from compress.checkpoint import Checkpoint, atomic_write
-from compress.export.records import (FP_DTYPES, LAYOUT_NAMES, Reader, Record, decode_values, encode_float,
-                                         encode_int, encode_quant)
+from compress.export.grid import QuantSpec
+from compress.export.records import (FP_DTYPES, LAYOUT_NAMES, QUANT_CHANNEL, Reader, Record, decode_values,
+                                     encode_float, encode_int, encode_quant)
 from compress.layers import block_convs, prunable_layers
 from compress.models import ARCHS, ResNet, arch_of, build
-from compress.quant import check_mode, check_nbits
+from compress.quant import check_granularity, check_mode, check_nbits
 
 MAGIC = b"CMPK"
-VERSION = 1
+VERSIONS = (1, 2)  # what this code reads
+VERSION = VERSIONS[-1]  # the newest, written when a record needs it
 HEADER = struct.Struct("<4sHII")  # magic, version, payload length, crc32(payload)
 SUFFIX = ".cpk"
 
 
-def quant_meta(ckpt: Checkpoint) -> tuple[str, int] | None:
-    """``(mode, nbits)`` the checkpoint's block convs were quantized with, or None."""
+def quant_meta(ckpt: Checkpoint) -> QuantSpec | None:
+    """How the checkpoint's block convs were quantized (mode, nbits, granularity, the grids
+    recorded when they were baked: none in checkpoints from before they were), or None."""
     q = (ckpt.meta or {}).get("quant")
     if not q:
         return None
-    return check_mode(q.get("mode")), check_nbits(q.get("nbits"))
+    try:
+        grids = {str(n): (np.asarray(g["scale"], np.float32).reshape(-1), np.asarray(g["offset"], np.float32).reshape(-1))
+                 for n, g in (q.get("grids") or {}).items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint meta: malformed quantization grids ({type(e).__name__}: {e})") from None
+    channel = check_granularity(q.get("granularity", "tensor")) == "channel"
+    return QuantSpec(check_mode(q.get("mode")), check_nbits(q.get("nbits")), channel, grids)
 
 
 def reference(ckpt: Checkpoint) -> ResNet:
@@ -87,19 +99,21 @@ def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
         if not t.is_floating_point():
             records.append(encode_int(name, t))
         elif name in quantized:
-            records.append(encode_quant(name, t, *quant))
+            records.append(encode_quant(name, t, quant))
         else:
             records.append(encode_float(name, t, FP_DTYPES[fp_dtype]))
     manifest = {
         "arch": model.arch,
         "num_classes": model.linear.out_features,
-        "quant": {"mode": quant[0], "nbits": quant[1]} if quant else None,
+        "quant": {"mode": quant.mode, "nbits": quant.nbits, **({"granularity": "channel"} if quant.channel else {})}
+        if quant else None,
         "fp_dtype": fp_dtype,
         "tensors": [[n, list(t.shape)] for n, t in ckpt.state_dict.items()],
     }
     packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     payload = b"".join([struct.pack("<I", len(packed)), packed, *(r.head + r.index + r.values for r in records)])
-    artifact = HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
+    version = VERSION if any(r.kind == QUANT_CHANNEL for r in records) else VERSIONS[0]
+    artifact = HEADER.pack(MAGIC, version, len(payload), zlib.crc32(payload)) + payload
     _check_round_trip(artifact, ckpt, records)
     return artifact, records, HEADER.size + 4 + len(packed)
 
@@ -131,8 +145,8 @@ def _split(data: bytes) -> bytes:
     magic, version, length, crc = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"bad magic {magic!r}: not a compress artifact (expected {MAGIC!r})")
-    if version != VERSION:
-        raise ValueError(f"unsupported artifact version {version} (this code reads {VERSION})")
+    if version not in VERSIONS:
+        raise ValueError(f"unsupported artifact version {version} (this code reads {', '.join(map(str, VERSIONS))})")
     payload = data[HEADER.size:]
     if len(payload) < length:
         raise ValueError(f"truncated artifact: header says {length} payload bytes, only {len(payload)} present")

@@ -1,10 +1,16 @@
 """The exact quantization grid of a baked tensor: which float32 ``(scale, offset)`` and integer
-codes give back every value bit for bit, as :func:`compress.quant.quantize` computed it."""
+codes give back every value bit for bit, as :func:`compress.quant.quantize` computed it.
+
+The grid is one per tensor or, for per-channel quantization, one per output channel (row of
+dim 0). Where the checkpoint recorded the grids it was baked with (``meta["quant"]["grids"]``,
+see :func:`compress.quant.baked_grids`), they are used: learned ranges cannot be told from the
+values. Else each grid is fitted to its values by :func:`fit_grid`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -14,10 +20,11 @@ from compress.quant import code_range
 _ULP_RADIUS = 8  # how many float32 neighbours of an estimated scale fit_grid tries each way
 
 
-def dequantize(levels: np.ndarray, scale: float, offset: float) -> torch.Tensor:
-    """``levels * scale + offset`` in float32, the same two roundings as ``compress.quant``."""
+def dequantize(levels: np.ndarray, scale: float | np.ndarray, offset: float | np.ndarray) -> torch.Tensor:
+    """``levels * scale + offset`` in float32 (elementwise or broadcast), the same two roundings
+    as ``compress.quant``."""
     k = torch.from_numpy(np.asarray(levels, dtype=np.float32))
-    return k * torch.tensor(scale, dtype=torch.float32) + torch.tensor(offset, dtype=torch.float32)
+    return k * torch.from_numpy(np.asarray(scale, np.float32)) + torch.from_numpy(np.asarray(offset, np.float32))
 
 
 def _float32_neighbours(x: float, radius: int) -> list[float]:
@@ -81,34 +88,62 @@ def fit_grid(values: torch.Tensor, mode: str, nbits: int, zeros: bool = False) -
     )
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a checkpoint's block convs were quantized: ``mode``, ``nbits``, one grid per output
+    channel (``channel``) or per tensor, and the grids recorded at bake time, by weight name:
+    ``(scales, offsets)`` float32 arrays, one entry per grid."""
+
+    mode: str
+    nbits: int
+    channel: bool = False
+    grids: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
 @dataclass
 class Codes:
     """A quantized tensor as integer ``levels`` (flat, in :func:`compress.quant.code_range`) with
-    ``value = levels * scale + offset`` in float32 wherever ``on_grid``; ``nonzero`` marks the
-    entries that are not exactly zero (zeros may be off the grid: ``asym`` keeps pruned zeros)."""
+    ``value = levels * scale + offset`` in float32 wherever ``on_grid``, ``scale``/``offset`` the
+    entry of ``scales``/``offsets`` of its grid (one, or one per output channel); ``nonzero``
+    marks the entries that are not exactly zero (zeros may be off the grid: ``asym`` keeps
+    pruned zeros)."""
 
     levels: np.ndarray
-    scale: float
-    offset: float
+    scales: np.ndarray
+    offsets: np.ndarray
     nonzero: np.ndarray
     on_grid: np.ndarray
 
 
-def grid_codes(name: str, w: torch.Tensor, mode: str, nbits: int) -> Codes:
-    """The codes of the float32 tensor ``w`` baked by ``mode``/``nbits`` quantization;
-    ``ValueError`` naming ``name`` if it is not float32 or some nonzero weight is off every grid."""
+def _grids(name: str, rows: np.ndarray, nonzero: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(scales, offsets, where from)`` of each row of ``rows``: recorded, else fitted."""
+    if name in spec.grids:
+        scales, offsets = spec.grids[name]
+        if not len(scales) == len(offsets) == len(rows):
+            raise ValueError(f"{name}: {len(scales)} recorded scales and {len(offsets)} offsets for {len(rows)} grids")
+        return scales, offsets, "recorded"
+    fitted = []
+    for i, (row, nz) in enumerate(zip(rows, nonzero)):
+        try:
+            fitted.append(fit_grid(torch.from_numpy(row[nz]), spec.mode, spec.nbits, zeros=not nz.all()))
+        except ValueError as e:
+            raise ValueError(f"{name}{f' channel {i}' if spec.channel else ''}: {e}") from None
+    scales, offsets = (np.array(v, dtype=np.float32) for v in zip(*fitted))
+    return scales, offsets, "fitted"
+
+
+def grid_codes(name: str, w: torch.Tensor, spec: QuantSpec) -> Codes:
+    """The codes of the float32 tensor ``w`` baked by ``spec``'s quantization; ``ValueError``
+    naming ``name`` if it is not float32 or some nonzero weight is off its grid."""
     if w.dtype != torch.float32:
         raise ValueError(f"{name}: quantized tensors must be float32, got {w.dtype}")
-    flat = w.detach().cpu().reshape(-1)
-    nonzero = (flat != 0).numpy()
-    try:
-        scale, offset = fit_grid(flat[torch.from_numpy(nonzero)], mode, nbits, zeros=not nonzero.all())
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
-    lo, hi = code_range(mode, nbits)
-    arr = flat.numpy()
-    levels = np.clip(np.round((arr.astype(np.float64) - offset) / scale), lo, hi).astype(np.int64)
-    on_grid = dequantize(levels, scale, offset).numpy() == arr
-    if not on_grid[nonzero].all():  # cannot happen after fit_grid; the round trips re-check anyway
-        raise ValueError(f"{name}: {int((~on_grid[nonzero]).sum())} weights are off the {mode} {nbits}-bit grid")
-    return Codes(levels, scale, offset, nonzero, on_grid)
+    rows = w.detach().cpu().reshape(w.shape[0] if spec.channel else 1, -1).numpy()
+    nonzero = rows != 0
+    scales, offsets, source = _grids(name, rows, nonzero, spec)
+    lo, hi = code_range(spec.mode, spec.nbits)
+    levels = np.clip(np.round((rows.astype(np.float64) - offsets[:, None]) / scales[:, None]), lo, hi).astype(np.int64)
+    on_grid = dequantize(levels, scales[:, None], offsets[:, None]).numpy() == rows
+    if not on_grid[nonzero].all():  # a fitted grid cannot miss; a recorded one must match too
+        raise ValueError(f"{name}: {int((~on_grid[nonzero]).sum())} weights are off their {source} "
+                         f"{spec.mode} {spec.nbits}-bit grid")
+    return Codes(levels.reshape(-1), scales, offsets, nonzero.reshape(-1), on_grid.reshape(-1))

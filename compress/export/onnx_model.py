@@ -4,11 +4,13 @@ The graph is built by hand from the baked checkpoint (no tracing), so what it ho
 the saved weights, zeros included, and no BatchNorm is folded into a quantized convolution:
 
 - A quantized block conv is stored as its integer codes (INT4/UINT4 for nbits <= 4, else
-  INT8/UINT8) and a float32 per-tensor scale, turned into weights by ``DequantizeLinear``
-  (zero point 0: ``code * scale``, the first rounding of ``compress.quant``). ``sym`` levels
+  INT8/UINT8) and a float32 scale, per tensor or (``granularity=channel``) per output channel
+  (``axis=0``), turned into weights by ``DequantizeLinear`` (zero point 0: ``code * scale``,
+  the first rounding of ``compress.quant``). ``sym`` levels
   are exactly that, pruned zeros being code 0. ``asym`` levels ``code * scale + min`` are not:
   ``DequantizeLinear``'s zero point is an integer and ``min`` is not a whole number of steps,
-  so an ``Add`` of ``min`` follows (the second rounding, as in ``compress.quant``), and where
+  so an ``Add`` of ``min`` (per channel: a C x 1 x 1 x 1 tensor) follows (the second rounding,
+  as in ``compress.quant``), and where
   some weights are exact zeros off the grid (pruned ``asym`` weights) a ``Where`` with a
   boolean mask keeps them zero. Every weight comes back bit for bit (emulated in float32
   before writing, :meth:`CodedWeight.values`; a mismatch is an export bug and raises).
@@ -33,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.checkpoint import Checkpoint
 from compress.export.artifact import quant_meta, reference
-from compress.export.grid import grid_codes
+from compress.export.grid import QuantSpec, grid_codes
 from compress.layers import block_convs
 from compress.models import ResNet
 from compress.quant import code_range
@@ -49,36 +51,45 @@ CODE_TYPES = {(True, True): (ml_dtypes.int4, "INT4"), (False, True): (ml_dtypes.
 @dataclass
 class CodedWeight:
     """A quantized weight as the graph computes it: ``DequantizeLinear(codes, scale)`` (zero
-    point 0), then ``Add`` of the grid's ``offset`` where it has one (asym: its minimum), then
-    ``Where(on_grid, ., 0)`` where some weights are zeros off the grid (pruned asym)."""
+    point 0; per output channel, ``axis=0``, where ``scale`` has one entry per channel), then
+    ``Add`` of the grid's ``offset`` where it has one (asym: its minimum), then
+    ``Where(on_grid, ., 0)`` where some weights are zeros off the grid (pruned asym).
+    ``scale`` and ``offset`` are float32, 0-d per tensor, shaped ``C x 1 x 1 x 1`` per channel."""
 
     codes: np.ndarray
-    scale: float
-    offset: float
+    scale: np.ndarray
+    offset: np.ndarray
     on_grid: np.ndarray | None
     onnx_type: str
 
     @property
+    def per_channel(self) -> bool:
+        return self.scale.ndim > 0
+
+    @property
     def ops(self) -> str:
         """The nodes that make the weight, e.g. ``DequantizeLinear+Add``."""
-        return "+".join(["DequantizeLinear", *["Add"] * bool(self.offset), *["Where"] * (self.on_grid is not None)])
+        dequantize = "DequantizeLinear(axis=0)" if self.per_channel else "DequantizeLinear"
+        return "+".join([dequantize, *["Add"] * bool(self.offset.any()), *["Where"] * (self.on_grid is not None)])
 
     def values(self) -> np.ndarray:
         """What onnxruntime computes, in float32 as it does (``compress.quant``'s two roundings)."""
-        out = self.codes.astype(np.float32) * np.float32(self.scale)
-        if self.offset:
-            out = out + np.float32(self.offset)
+        out = self.codes.astype(np.float32) * self.scale
+        if self.offset.any():
+            out = out + self.offset
         return out if self.on_grid is None else np.where(self.on_grid, out, np.float32(0))
 
 
-def coded_weight(name: str, w: torch.Tensor, mode: str, nbits: int) -> CodedWeight:
+def coded_weight(name: str, w: torch.Tensor, spec: QuantSpec) -> CodedWeight:
     """The integer codes of a baked quantized weight, from which the graph gives back every
     value of ``w`` bit for bit (``ValueError`` if ``w`` is off its grid)."""
-    grid = grid_codes(name, w, mode, nbits)
-    dtype, onnx_type = CODE_TYPES[(code_range(mode, nbits)[0] < 0, nbits <= 4)]
+    grid = grid_codes(name, w, spec)
+    dtype, onnx_type = CODE_TYPES[(code_range(spec.mode, spec.nbits)[0] < 0, spec.nbits <= 4)]
     shape = tuple(w.shape)
+    grid_shape = (-1, *[1] * (len(shape) - 1)) if spec.channel else ()
+    scale, offset = (a.astype(np.float32).reshape(grid_shape) for a in (grid.scales, grid.offsets))
     on_grid = None if grid.on_grid.all() else grid.on_grid.reshape(shape)
-    coded = CodedWeight(grid.levels.astype(dtype).reshape(shape), grid.scale, grid.offset, on_grid, onnx_type)
+    coded = CodedWeight(grid.levels.astype(dtype).reshape(shape), scale, offset, on_grid, onnx_type)
     if not np.array_equal(coded.values(), w.detach().cpu().numpy()):
         raise RuntimeError(f"export bug: {name} does not come back exactly from its ONNX codes")
     return coded
@@ -129,11 +140,13 @@ def to_onnx(ckpt: Checkpoint) -> OnnxModel:
     def weight(key: str) -> str:
         if key not in quantized:
             return g.const(key, sd[key].numpy())
-        coded = out.coded[key] = coded_weight(key, sd[key], *quant)
+        coded = out.coded[key] = coded_weight(key, sd[key], quant)
+        axis = {"axis": 0} if coded.per_channel else {}
         y = g.op("DequantizeLinear", [g.const(f"{key}.codes", coded.codes),
-                                      g.const(f"{key}.scale", np.array(coded.scale, np.float32))], f"{key}.dequantized")
-        if coded.offset:
-            y = g.op("Add", [y, g.const(f"{key}.offset", np.array(coded.offset, np.float32))], f"{key}.shifted")
+                                      g.const(f"{key}.scale", coded.scale.reshape(-1) if axis else coded.scale)],
+                 f"{key}.dequantized", **axis)
+        if coded.offset.any():
+            y = g.op("Add", [y, g.const(f"{key}.offset", coded.offset)], f"{key}.shifted")
         if coded.on_grid is not None:
             y = g.op("Where", [g.const(f"{key}.on_grid", coded.on_grid), y, g.const(f"{key}.zero", np.array(0, np.float32))],
                      f"{key}.masked")

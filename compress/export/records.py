@@ -1,11 +1,14 @@
 """One tensor of the artifact as a record: its kind, its layout, and how it is encoded and decoded.
 
     record  size           field
-            1              kind: 0 float, 1 quantized codes, 2 integer
+            1              kind: 0 float, 1 quantized codes, 2 integer, 3 quantized codes with
+                           a grid per output channel (artifact version 2)
             1              layout: 0 dense (every entry), 1 bitmask, 2 delta-coded positions
             5              delta only: symbol width b (u8), symbol count (u32)
             1 | 10 | 1     float: dtype (0 fp32, 1 fp16) | quantized: nbits (u8), code shift
                            (u8), scale (f32), offset (f32) | integer: bytes per entry (1/2/4/8)
+            6 + 8C         per-channel: nbits (u8), code shift (u8), channel count C (u32), C
+                           scales (f32), C offsets (f32); entry i is in channel i // (numel / C)
             ...            index, bit-packed, byte-aligned: bitmask = 1 bit per entry (1 = stored);
                            delta = the gaps between stored positions (see ``bits``)
             ...            values of the stored entries, byte-aligned: fp32/fp16 raw, quantized
@@ -25,10 +28,10 @@ import numpy as np
 import torch
 
 from compress.export.bits import DELTA_WIDTHS, delta_bits, delta_decode, delta_encode, pack_bits, packed_size, unpack_bits
-from compress.export.grid import dequantize, grid_codes
+from compress.export.grid import QuantSpec, dequantize, grid_codes
 from compress.quant import code_range
 
-FLOAT, QUANT, INT = 0, 1, 2
+FLOAT, QUANT, INT, QUANT_CHANNEL = 0, 1, 2, 3
 DENSE, BITMASK, DELTA = 0, 1, 2
 LAYOUT_NAMES = {DENSE: "dense", BITMASK: "bitmask", DELTA: "delta"}
 FP_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -99,16 +102,22 @@ def _record(name: str, kind: int, present: np.ndarray, dense_ok: bool, value_bit
     return Record(name, kind, layout, head, index, values, present.size, stored, index_bits + stored * value_bits)
 
 
-def encode_quant(name: str, w: torch.Tensor, mode: str, nbits: int) -> Record:
-    """Codes of a quantized float32 tensor (``ValueError`` if some weight is off every grid)."""
-    codes = grid_codes(name, w, mode, nbits)
-    lo = code_range(mode, nbits)[0]
+def encode_quant(name: str, w: torch.Tensor, spec: QuantSpec) -> Record:
+    """Codes of a quantized float32 tensor with its grid, or one per output channel
+    (``ValueError`` if some weight is off its grid)."""
+    codes = grid_codes(name, w, spec)
+    nbits, lo = spec.nbits, code_range(spec.mode, spec.nbits)[0]
+    if spec.channel:
+        kind = QUANT_CHANNEL
+        grid_head = (struct.pack("<BBI", nbits, -lo, len(codes.scales))
+                     + codes.scales.astype("<f4").tobytes() + codes.offsets.astype("<f4").tobytes())
+    else:
+        kind, grid_head = QUANT, struct.pack("<BBff", nbits, -lo, codes.scales[0], codes.offsets[0])
 
     def values(present: np.ndarray | None) -> bytes:
         return pack_bits((codes.levels if present is None else codes.levels[present]) - lo, nbits)
 
-    return _record(name, QUANT, codes.nonzero, bool(codes.on_grid.all()), nbits,
-                   struct.pack("<BBff", nbits, -lo, codes.scale, codes.offset), values)
+    return _record(name, kind, codes.nonzero, bool(codes.on_grid.all()), nbits, grid_head, values)
 
 
 def encode_float(name: str, w: torch.Tensor, dtype: np.dtype) -> Record:
@@ -159,7 +168,7 @@ class Reader:
 def decode_values(numel: int, r: Reader) -> torch.Tensor:
     """Decode one record from ``r`` into a flat float32 (or int64) tensor of ``numel`` entries."""
     kind, layout = r.unpack("<BB")
-    if kind not in (FLOAT, QUANT, INT) or layout not in LAYOUT_NAMES:
+    if kind not in (FLOAT, QUANT, INT, QUANT_CHANNEL) or layout not in LAYOUT_NAMES:
         raise ValueError(f"malformed {r.what}: record kind {kind}, layout {layout}")
     width = nsym = 0
     if layout == DELTA:
@@ -172,8 +181,12 @@ def decode_values(numel: int, r: Reader) -> torch.Tensor:
             raise ValueError(f"malformed {r.what}: float dtype code {code}")
     elif kind == QUANT:
         nbits, shift, scale, offset = r.unpack("<BBff")
-        if not 1 <= nbits <= 8:
-            raise ValueError(f"malformed {r.what}: nbits {nbits}")
+        scales, offsets = np.array([scale], np.float32), np.array([offset], np.float32)
+    elif kind == QUANT_CHANNEL:
+        nbits, shift, channels = r.unpack("<BBI")
+        if not channels or numel % channels:
+            raise ValueError(f"malformed {r.what}: {channels} channels for {numel} entries")
+        scales, offsets = (np.frombuffer(r.take(4 * channels), dtype="<f4") for _ in range(2))
     else:
         (nbytes,) = r.unpack("<B")
         if nbytes not in _INT_DTYPES or layout != DENSE:
@@ -194,8 +207,11 @@ def decode_values(numel: int, r: Reader) -> torch.Tensor:
         dtype = _FP_BY_CODE[code]
         vals = torch.from_numpy(np.frombuffer(r.take(count * dtype.itemsize), dtype=dtype).astype(np.float32))
     else:
+        if not 1 <= nbits <= 8:
+            raise ValueError(f"malformed {r.what}: nbits {nbits}")
         codes = unpack_bits(r.take(packed_size(count, nbits)), nbits, count)
-        vals = dequantize(codes - shift, scale, offset)
+        channel = (np.arange(numel) if positions is None else positions) // (numel // len(scales))
+        vals = dequantize(codes - shift, scales[channel], offsets[channel])
     if positions is None:
         return vals
     out = torch.zeros(numel, dtype=torch.float32)
