@@ -17,7 +17,7 @@ from compress.models import ARCHS
 from compress.models.weights import published_weights
 from compress.progress import check_progress
 from compress.prune import check_sparsity
-from compress.quant import MODES, check_clip, check_nbits
+from compress.quant import MODES, check_clip, check_granularity, check_learn_range, check_nbits
 
 PRUNE_METHODS = ("none", "oneshot", "iterative", "global")
 
@@ -75,6 +75,8 @@ def validate(cfg: DictConfig) -> None:
         _count("quant.epochs", cfg.quant.epochs)
         _count("quant.bn_recalibration", cfg.quant.bn_recalibration)
         check_clip(cfg.quant.clip)
+        check_granularity(cfg.quant.granularity)
+        check_learn_range(cfg.quant.learn_range)
     if cfg.prune.method != "none":
         check_sparsity(cfg.prune.sparsity)
         epochs = _count("prune.epochs", cfg.prune.epochs)
@@ -103,6 +105,8 @@ NEUTRAL: dict[str, object] = {
     "trainer.limit_test_batches": 1.0,
     "model.name": DEFAULT_MODEL,
     "distill": {"kind": "none"},
+    "quant.granularity": "tensor",
+    "quant.learn_range": False,
 }
 
 

@@ -168,7 +168,8 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
         def quant_callbacks(m: dict[str, torch.Tensor]) -> list[pl.Callback]:
             """Masks kept, fake quantization, then BatchNorm re-estimation if asked for."""
             recalibrate = [BatchNormRecalibration(quant.bn_recalibration)] if quant.bn_recalibration else []
-            return [*keep(m), QuantizationCallback(quant.mode, cfg.nbits, quant.clip), *recalibrate]
+            quantize = QuantizationCallback(quant.mode, cfg.nbits, quant.clip, quant.granularity, quant.learn_range)
+            return [*keep(m), quantize, *recalibrate]
 
         stages.append(Stage("quant", quant.epochs, quant_callbacks))
     if not stages:

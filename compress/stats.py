@@ -1,4 +1,5 @@
-"""What a (baked, plain) compressed model verifiably is: sparsity and distinct values per layer."""
+"""What a (baked, plain) compressed model verifiably is: sparsity and distinct values per layer
+(and per output channel)."""
 
 from __future__ import annotations
 
@@ -27,4 +28,14 @@ def distinct_values(model: nn.Module) -> dict[str, int]:
     for name, m in block_convs(model).items():
         w = m.weight.detach()
         out[name] = int(torch.unique(w[w != 0]).numel())
+    return out
+
+
+def distinct_values_per_channel(model: nn.Module) -> dict[str, int]:
+    """The most distinct nonzero weight values of any output channel, per residual-block
+    convolution (at most ``2^nbits`` for per-channel as for per-tensor quantization)."""
+    out = {}
+    for name, m in block_convs(model).items():
+        w = m.weight.detach()
+        out[name] = max(int(torch.unique(c[c != 0]).numel()) for c in w)
     return out

@@ -32,9 +32,9 @@ from compress.config import config_hash, validate
 from compress.export import save as save_artifact
 from compress.interrupt import Interrupted, stop_on_signals
 from compress.progress import duration
-from compress.quant import QuantizationCallback
+from compress.quant import QuantizationCallback, baked_grids
 from compress.stages import run_stages
-from compress.stats import distinct_values, sparsity
+from compress.stats import distinct_values, distinct_values_per_channel, sparsity
 
 log = logging.getLogger("compress")
 
@@ -84,7 +84,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         return None
     final = results[-1]
     distinct = distinct_values(model) if quantized else {}
-    meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits} if quantized else None,
+    per_channel = distinct_values_per_channel(model) if quantized else {}
+    granularity = cfg.quant.granularity if quantized else None
+    meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits, "granularity": granularity,
+                      "grids": baked_grids(model)} if quantized else None,
             "config": OmegaConf.to_yaml(cfg, resolve=True)}
     save_checkpoint(out_dir / "model.pt", model, masks, meta)
     size = save_artifact(Checkpoint(model.state_dict(), masks, meta), out_dir / "model.cpk", cfg.export_fp_dtype)
@@ -92,6 +95,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     metrics = {
         "config_hash": digest,
         "choices": {"prune": cfg.prune.method, "quant": cfg.quant.mode, "nbits": cfg.nbits if quantized else None,
+                    "granularity": granularity,
                     "name": cfg.name, "seed": cfg.seed, "model": cfg.model.name},
         "before_ft": final.before,
         "after_ft": final.after,
@@ -101,6 +105,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         "quantized_tensors": len(distinct),
         "max_distinct_values": max(distinct.values(), default=None),
         "distinct_values": distinct,
+        "max_distinct_values_per_channel": max(per_channel.values(), default=None),
+        "distinct_values_per_channel": per_channel,
         **{k: size[k] for k in ("fp32_bytes", "compressed_bytes", "ratio", "bits_per_weight")},
         "size": size,
         "stages": [vars(r) for r in results],

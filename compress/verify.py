@@ -8,7 +8,10 @@ and checks it against the run's ``metrics.json``:
 - test accuracy within ``--tol`` (default 0.001);
 - per-layer sparsity as recorded, and at least the target: every layer for layer-wise pruning
   (``oneshot``, ``iterative``), all conv/linear weights together for ``global``;
-- per quantized tensor, the distinct nonzero values as recorded and at most ``2^nbits``.
+- per quantized tensor, the distinct nonzero values as recorded, and the most of any output
+  channel as recorded (runs from before that was recorded: not checked); at most ``2^nbits``
+  per tensor, or per output channel for ``quant.granularity=channel`` runs
+  (``choices.granularity``; runs without it are per tensor).
 
 One line per run, then a summary; exit 1 if any run fails a check, 2 on bad input.
 """
@@ -53,17 +56,22 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return correct / len(y)
 
 
-def layer_stats(model: nn.Module) -> tuple[dict[str, float], dict[str, int], int]:
-    """Per conv/linear layer: fraction of zero weights, distinct nonzero values; and the total
-    weight count."""
-    zeros, distinct, total = {}, {}, 0
+def _distinct(w: torch.Tensor) -> int:
+    return int(torch.unique(w[w != 0]).numel())
+
+
+def layer_stats(model: nn.Module) -> tuple[dict[str, float], dict[str, int], dict[str, int], int]:
+    """Per conv/linear layer: fraction of zero weights, distinct nonzero values, the most
+    distinct nonzero values of any output channel; and the total weight count."""
+    zeros, distinct, per_channel, total = {}, {}, {}, 0
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             w = m.weight.detach()
             zeros[name] = float((w == 0).sum()) / w.numel()
-            distinct[name] = int(torch.unique(w[w != 0]).numel())
+            distinct[name] = _distinct(w)
+            per_channel[name] = max(_distinct(c) for c in w)
             total += w.numel()
-    return zeros, distinct, total
+    return zeros, distinct, per_channel, total
 
 
 def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[bool, str]:
@@ -76,7 +84,7 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[
     acc = accuracy(model, x, y)
     if abs(acc - m["test_acc"]) > tol:
         problems.append(f"test acc {acc:.4f} != metrics {m['test_acc']:.4f}")
-    zeros, distinct, total = layer_stats(model)
+    zeros, distinct, per_channel, total = layer_stats(model)
     recorded = (m.get("sparsity") or {}).get("layers") or {}
     if recorded and any(abs(zeros[n] - s) > 1e-9 for n, s in recorded.items()):
         problems.append("per-layer sparsity differs from metrics.json")
@@ -91,16 +99,20 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[
     quant = m["choices"]["quant"]
     nbits = m["choices"]["nbits"]
     worst = None
+    channel = m["choices"].get("granularity") == "channel"
     if quant != "none":
         recorded_q = m.get("distinct_values") or {}
-        over = {n: distinct[n] for n in recorded_q if distinct[n] > 2**nbits}
+        bounded, what = (per_channel, "tensors with a channel of") if channel else (distinct, "tensors with")
+        over = {n: bounded[n] for n in recorded_q if bounded[n] > 2**nbits}
         if over:
-            problems.append(f"{len(over)} tensors with more than {2**nbits} values ({next(iter(over))} {next(iter(over.values()))})")
+            problems.append(f"{len(over)} {what} more than {2**nbits} values ({next(iter(over))} {next(iter(over.values()))})")
         if any(distinct[n] != v for n, v in recorded_q.items()):
             problems.append("distinct values differ from metrics.json")
-        worst = max((distinct[n] for n in recorded_q), default=0)
+        if any(per_channel[n] != v for n, v in (m.get("distinct_values_per_channel") or {}).items()):
+            problems.append("distinct values per channel differ from metrics.json")
+        worst = max((bounded[n] for n in recorded_q), default=0)
     line = (f"acc {acc:.4f} (metrics {m['test_acc']:.4f})  sparsity {overall:.3f}"
-            + (f"  max distinct {worst}/{2**nbits}" if worst is not None else ""))
+            + (f"  max distinct {worst}/{2**nbits}{' per channel' if channel else ''}" if worst is not None else ""))
     return not problems, line + ("  FAIL: " + "; ".join(problems) if problems else "")
 
 

@@ -109,11 +109,22 @@ def test_config_hash_follows_the_weights_content_not_paths(hydra_compose, tmp_pa
         (["data.eval_batch_size=0"], "data.eval_batch_size"),
         (["quant=asym", "quant.bn_recalibration=-1"], "quant.bn_recalibration"),
         (["quant=sym", "quant.clip=max"], "quant.clip='max' is not allowed"),
+        (["quant=asym", "quant.granularity=row"], "quant.granularity='row' is not allowed: use one of tensor, channel"),
+        (["quant=sym", "quant.learn_range=yes"], "quant.learn_range='yes' is not allowed: use true or false"),
     ],
 )
 def test_validate_rejects_composed(hydra_compose, overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         validate(hydra_compose(overrides))
+
+
+def test_quant_options_at_their_default_keep_the_hash(hydra_compose) -> None:
+    base = ["prune=global", "quant=asym", "nbits=2"]
+    default = config_hash(hydra_compose(base))
+    assert config_hash(hydra_compose([*base, "quant.granularity=tensor", "quant.learn_range=false"])) == default
+    others = {config_hash(hydra_compose([*base, *o])) for o in
+              (["quant.granularity=channel"], ["quant.learn_range=true"], ["quant.granularity=channel", "quant.learn_range=true"])}
+    assert len(others) == 3 and default not in others
 
 
 # --- the app itself, in subprocesses -----------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ from compress.export import save
 from compress.layers import bake
 from compress.models import resnet20
 from compress.prune import PruningCallback, current_masks
-from compress.quant import QuantizationCallback
+from compress.quant import QuantizationCallback, baked_grids
 from compress.reproduce import expected_runs, publish, restore, restore_stage
-from compress.stats import distinct_values, sparsity
+from compress.stats import distinct_values, distinct_values_per_channel, sparsity
 from compress.verify import MEAN, STD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,24 +108,30 @@ def accuracy_on(root: Path, model: nn.Module) -> float:
         return float((model.eval()(x).argmax(1) == torch.tensor(b["labels"])).float().mean())
 
 
-@pytest.fixture
-def verified_run(tmp_path: Path, tiny_cifar: Path) -> Path:
-    """A pruned (layer-wise 80%) + 3-bit asym run dir with a truthful metrics.json."""
+def write_run(run: Path, cifar: Path, granularity: str | None = None) -> Path:
+    """A pruned (layer-wise 80%) + 3-bit asym run dir with a truthful metrics.json (``granularity``:
+    ``channel``, or None as before the option existed)."""
     torch.manual_seed(0)
     model = resnet20()
     PruningCallback(0.8, "layer").install(model)
     masks = current_masks(model)
-    QuantizationCallback("asym", 3).install(model)
+    QuantizationCallback("asym", 3, granularity=granularity or "tensor").install(model)
     bake(model)
-    run = tmp_path / "table3_4" / "nbits=3"
     run.mkdir(parents=True)
-    save(Checkpoint(model.state_dict(), masks, {"quant": {"mode": "asym", "nbits": 3}}), run / "model.cpk")
-    distinct = distinct_values(model)
-    metrics = {"test_acc": accuracy_on(tiny_cifar, model), "sparsity": sparsity(model), "distinct_values": distinct,
-               "choices": {"quant": "asym", "nbits": 3},
+    meta = {"quant": {"mode": "asym", "nbits": 3, "granularity": granularity or "tensor", "grids": baked_grids(model)}}
+    save(Checkpoint(model.state_dict(), masks, meta), run / "model.cpk")
+    metrics = {"test_acc": accuracy_on(cifar, model), "sparsity": sparsity(model), "distinct_values": distinct_values(model),
+               "choices": {"quant": "asym", "nbits": 3, **({"granularity": granularity} if granularity else {})},
                "config": {"prune": {"method": "oneshot", "sparsity": 0.8}}}
+    if granularity:
+        metrics["distinct_values_per_channel"] = distinct_values_per_channel(model)
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
+
+
+@pytest.fixture
+def verified_run(tmp_path: Path, tiny_cifar: Path) -> Path:
+    return write_run(tmp_path / "table3_4" / "nbits=3", tiny_cifar)
 
 
 def verify(*args: str) -> subprocess.CompletedProcess:
@@ -146,6 +153,22 @@ def test_verify_passes_a_truthful_run_and_fails_a_tampered_one(verified_run: Pat
     bad = verify(str(verified_run), "--data", str(tiny_cifar))
     assert bad.returncode == 1
     assert "FAIL" in bad.stdout and "test acc" in bad.stdout and "distinct values differ" in bad.stdout
+
+
+def test_verify_checks_per_channel_runs_per_channel(tmp_path: Path, tiny_cifar: Path) -> None:
+    run = write_run(tmp_path / "nbits=3,quant.granularity=channel", tiny_cifar, "channel")
+    m = json.loads((run / "metrics.json").read_text())
+    assert max(m["distinct_values"].values()) > 8 >= max(m["distinct_values_per_channel"].values())
+    ok = verify(str(run), "--data", str(tiny_cifar))
+    assert ok.returncode == 0 and re.search(r" max distinct [1-8]/8 per channel\n", ok.stdout), ok.stdout + ok.stderr
+    m["distinct_values_per_channel"]["layer1.0.conv1"] -= 1
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert "distinct values per channel differ" in verify(str(run), "--data", str(tiny_cifar)).stdout
+    m["choices"]["granularity"] = "tensor"  # a per-tensor run may not hold more than 8 values a tensor
+    del m["distinct_values_per_channel"]
+    (run / "metrics.json").write_text(json.dumps(m))
+    bad = verify(str(run), "--data", str(tiny_cifar))
+    assert bad.returncode == 1 and "18 tensors with more than 8 values" in bad.stdout, bad.stdout
 
 
 def test_verify_bad_input_is_one_line(tmp_path: Path) -> None:
