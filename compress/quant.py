@@ -151,7 +151,8 @@ class _StraightThrough(torch.autograd.Function):
     """``quantize`` forward (bit-exact levels), identity backward."""
 
     @staticmethod
-    def forward(ctx: object, w: torch.Tensor, mode: Mode, nbits: int, clip: torch.Tensor, channel: bool) -> torch.Tensor:
+    def forward(ctx: object, w: torch.Tensor, mode: Mode, nbits: int, clip: torch.Tensor,
+                channel: bool) -> torch.Tensor:
         return quantize(w, mode, nbits, clip, channel)
 
     @staticmethod
@@ -178,7 +179,8 @@ class FakeQuant(Quantizer):
 
     def extra_repr(self) -> str:
         clip = f"{float(self.clip):g}" if self.clip.dim() == 0 else f"{self.clip.numel()} per-channel factors"
-        return f"mode={self.mode}, nbits={self.nbits}, clip={clip}, granularity={'channel' if self.channel else 'tensor'}"
+        granularity = "channel" if self.channel else "tensor"
+        return f"mode={self.mode}, nbits={self.nbits}, clip={clip}, granularity={granularity}"
 
 
 class QuantizationCallback(pl.Callback):

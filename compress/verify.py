@@ -105,7 +105,8 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[
         bounded, what = (per_channel, "tensors with a channel of") if channel else (distinct, "tensors with")
         over = {n: bounded[n] for n in recorded_q if bounded[n] > 2**nbits}
         if over:
-            problems.append(f"{len(over)} {what} more than {2**nbits} values ({next(iter(over))} {next(iter(over.values()))})")
+            first = next(iter(over))
+            problems.append(f"{len(over)} {what} more than {2**nbits} values ({first} {over[first]})")
         if any(distinct[n] != v for n, v in recorded_q.items()):
             problems.append("distinct values differ from metrics.json")
         if any(per_channel[n] != v for n, v in (m.get("distinct_values_per_channel") or {}).items()):

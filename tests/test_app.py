@@ -122,8 +122,8 @@ def test_quant_options_at_their_default_keep_the_hash(hydra_compose) -> None:
     base = ["prune=global", "quant=asym", "nbits=2"]
     default = config_hash(hydra_compose(base))
     assert config_hash(hydra_compose([*base, "quant.granularity=tensor", "quant.learn_range=false"])) == default
-    others = {config_hash(hydra_compose([*base, *o])) for o in
-              (["quant.granularity=channel"], ["quant.learn_range=true"], ["quant.granularity=channel", "quant.learn_range=true"])}
+    channel, learned = "quant.granularity=channel", "quant.learn_range=true"
+    others = {config_hash(hydra_compose([*base, *o])) for o in ([channel], [learned], [channel, learned])}
     assert len(others) == 3 and default not in others
 
 

@@ -120,7 +120,8 @@ def write_run(run: Path, cifar: Path, granularity: str | None = None) -> Path:
     run.mkdir(parents=True)
     meta = {"quant": {"mode": "asym", "nbits": 3, "granularity": granularity or "tensor", "grids": baked_grids(model)}}
     save(Checkpoint(model.state_dict(), masks, meta), run / "model.cpk")
-    metrics = {"test_acc": accuracy_on(cifar, model), "sparsity": sparsity(model), "distinct_values": distinct_values(model),
+    metrics = {"test_acc": accuracy_on(cifar, model), "sparsity": sparsity(model),
+               "distinct_values": distinct_values(model),
                "choices": {"quant": "asym", "nbits": 3, **({"granularity": granularity} if granularity else {})},
                "config": {"prune": {"method": "oneshot", "sparsity": 0.8}}}
     if granularity:

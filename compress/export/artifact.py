@@ -54,7 +54,7 @@ def quant_meta(ckpt: Checkpoint) -> QuantSpec | None:
     if not q:
         return None
     try:
-        grids = {str(n): (np.asarray(g["scale"], np.float32).reshape(-1), np.asarray(g["offset"], np.float32).reshape(-1))
+        grids = {str(n): tuple(np.asarray(g[k], np.float32).reshape(-1) for k in ("scale", "offset"))
                  for n, g in (q.get("grids") or {}).items()}
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"checkpoint meta: malformed quantization grids ({type(e).__name__}: {e})") from None
