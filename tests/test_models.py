@@ -175,7 +175,8 @@ def test_table3_2_multirun_on_resnet32(tmp_path: Path, data_root: Path, pretrain
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "table3_2-resnet32" / "full"
     runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
-    assert [r.name for r in runs] == sorted(f"nbits={n},quant={q}" for n in range(2, 7) for q in ("sym", "asym"))
+    assert [r.name for r in runs] == sorted(f"nbits={n},quant={q},trainer.limit_test_batches=5"
+                                            for n in range(2, 7) for q in ("sym", "asym"))
     for run in runs:
         nbits = json.loads((run / "metrics.json").read_text())["choices"]["nbits"]
         model = load(run / "model.cpk")
