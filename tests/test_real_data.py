@@ -70,7 +70,8 @@ def test_pretrained_accuracy(run_app, data_root: Path, pretrained: Path) -> None
     metrics = json.loads((proc.run_dir / "metrics.json").read_text())
     assert metrics["test_acc"] == pytest.approx(PUBLISHED_ACC, abs=5e-4)
     assert metrics["before_ft"]["acc"] == metrics["test_acc"] and metrics["after_ft"] is None
-    assert metrics["sparsity"] is None and metrics["quantized_tensors"] == 0
+    assert metrics["sparsity"]["overall"] == 0.0 and metrics["quantized_tensors"] == 0
+    assert set(metrics["sparsity"]["layers"].values()) == {0.0}
     # nothing trained: the saved model is the published one
     saved = load_checkpoint(str(proc.run_dir / "model.pt"))
     reference = published_state_dict(pretrained)
