@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -197,6 +198,40 @@ def publish(out: Path, tables: list[str], budget: str, overrides: list[str], not
     return write_report([out / "runs"], out, notes, pending)
 
 
+def finished_runs(sweep: Path) -> set[str]:
+    """The run dirs of ``sweep`` that hold a ``metrics.json``."""
+    return {m.parent.name for m in sweep.glob("*/metrics.json")}
+
+
+def run_publishing(cmd: list[str], sweep: Path, publish_now: Callable[[], object], poll_s: float = 30.0) -> int:
+    """Run ``cmd`` (a table's sweep) and call ``publish_now`` whenever a run of ``sweep``
+    finishes while it runs; returns its exit status."""
+    proc = subprocess.Popen(cmd)
+    done = finished_runs(sweep)
+    while proc.poll() is None:
+        time.sleep(poll_s)
+        now = finished_runs(sweep)
+        if now - done:
+            publish_now()
+        done = now
+    return proc.returncode
+
+
+def prepare(out: Path, tables: list[str], budget: str, overrides: list[str]) -> list[str]:
+    """Restore every table already published in ``<out>/runs/`` (not only those to run) into
+    its sweep dir and refill the stage cache from their pruning runs, so a reproduction run
+    table by table skips what is done and reuses Table 3.1's pruning stage. Returns the tables
+    the report covers: ``tables`` plus those published before, in ``CHOICES`` order."""
+    reported = [t for t in CHOICES if t in tables or (out / "runs" / t).is_dir()]
+    for t in reported:
+        sweep = sweep_dir(t, budget, overrides)
+        restored = restore(out / "runs" / t, sweep)
+        refilled = sum(restore_stage(run, cache_root()) for run in sorted(sweep.glob("*")) if run.is_dir())
+        if restored or refilled:
+            print(f"{t}: {restored} finished runs restored from {out / 'runs' / t}, {refilled} pruning stages to the cache", flush=True)
+    return reported
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compress.reproduce", description=__doc__.splitlines()[0])
     p.add_argument("--budget", choices=("smoke", "full"), default="smoke")
@@ -213,12 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = a.out or Path("multirun/reproduce") / f"{a.budget}{model_tag(model_of(a.overrides))}"
     t0, commit = time.time(), git_commit(out)
-    for t in tables:
-        sweep = sweep_dir(t, a.budget, a.overrides)
-        restored = restore(out / "runs" / t, sweep)
-        refilled = sum(restore_stage(run, cache_root()) for run in sorted(sweep.glob("*")) if run.is_dir())
-        if restored or refilled:
-            print(f"{t}: {restored} finished runs restored from {out / 'runs' / t}, {refilled} pruning stages to the cache", flush=True)
+    reported = prepare(out, tables, a.budget, a.overrides)
     command = shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])])
     hw = hardware()
 
@@ -231,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         return lines
 
     failed: list[str] = []
-    for i, table in enumerate([] if a.report_only else tables):
+    for table in [] if a.report_only else tables:
         cmd = [sys.executable, "-m", "compress.train", *table_overrides(table, a.budget, a.overrides)]
         print("+", shlex.join(cmd[1:]), flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        # the report so far after every finished run, so a long reproduction is published run by run
+        if run_publishing(cmd, sweep_dir(table, a.budget, a.overrides),
+                          lambda: publish(out, reported, a.budget, a.overrides, notes(time.time() - t0, failed))) != 0:
             failed.append(table)
-        if i + 1 < len(tables):  # the report so far, so a long reproduction can be published table by table
-            publish(out, tables, a.budget, a.overrides, notes(time.time() - t0, failed))
-    report = publish(out, tables, a.budget, a.overrides, notes(time.time() - t0, failed))
+    report = publish(out, reported, a.budget, a.overrides, notes(time.time() - t0, failed))
     print(f"report written to {report}")
     if failed:
         print(f"error: {', '.join(failed)} failed (see above); finished runs are kept, re-run to resume", file=sys.stderr)
