@@ -4,12 +4,14 @@
                                               [--device cpu|cuda] [--compile] [--real]
 
 Trains ResNet-20 with batch 128 on CIFAR-10-shaped uint8 data (random; ``--real`` reads the
-torchvision CIFAR-10 root in ``$COMPRESS_DATA``) three ways, interleaved in one process
-(a, b, c, a, b, c, ...) so that a background load hits every variant alike:
+torchvision CIFAR-10 root in ``$COMPRESS_DATA``) several ways, interleaved in one process
+(a, b, c, d, e, a, b, ...) so that a background load hits every variant alike:
 
-  (a) a hand-written PyTorch loop: SGD + per-step cosine LambdaLR, ``compress.data`` augmentation;
-  (b) ``compress.module.Classifier`` through a Trainer configured like ``conf/trainer/cpu.yaml``;
-  (c) (b) with 80% global pruning masks and 4-bit asym fake quantization installed.
+  (a) a hand-written PyTorch loop in fp32: SGD + per-step cosine LambdaLR, ``compress.data`` augmentation;
+  (b) ``compress.module.Classifier`` through a Trainer configured like ``conf/trainer/cpu.yaml``, fp32;
+  (c) (b) with 80% global pruning masks and 4-bit asym fake quantization installed;
+  (d), (e): (b), (c) under bf16 autocast (``precision=bf16-mixed``, the CPU default where the
+  CPU has native bf16). On ``--device cuda`` every Lightning variant is bf16 and (d), (e) are skipped.
 
 Each variant runs ``warmup + steps`` steps from the same loader; only the last ``steps`` are
 timed (from the start of the first timed batch, once it is loaded, to the end of the last
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.data import CIFAR10Data, TensorBatches, check_root, load_split, resolve_eval_batch
+from compress.distill import Teacher
 from compress.models import resnet20
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback
@@ -47,7 +50,7 @@ from compress.quant import QuantizationCallback
 
 BATCH = 128
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
-TARGETS = {"b/a": 0.95, "c/b": 0.85, "eval": 1500.0, "rss_gib": 2.5}
+TARGETS = {"b/a": 0.95, "c/b": 0.85, "bf16": 1.5, "eval": 1500.0, "rss_gib": 2.5}
 
 
 # ----------------------------------------------------------------------------- data
@@ -152,11 +155,11 @@ def train_plain(args: argparse.Namespace, splits: dict) -> float:
     return time.perf_counter() - t0
 
 
-def trainer(args: argparse.Namespace, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
-    """A Trainer set up like ``conf/trainer/cpu.yaml`` (bf16-mixed on cuda)."""
+def trainer(args: argparse.Namespace, callbacks: list[pl.Callback], bf16: bool = False, **kwargs) -> pl.Trainer:
+    """A Trainer set up like ``conf/trainer/cpu.yaml``, in fp32 or bf16 autocast (always bf16 on cuda)."""
     return pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
-        precision="bf16-mixed" if args.device == "cuda" else "32-true", deterministic=True, logger=False,
+        precision="bf16-mixed" if bf16 or args.device == "cuda" else "32-true", deterministic=True, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=callbacks, **kwargs,
     )
@@ -166,13 +169,15 @@ def compression() -> list[pl.Callback]:
     return [PruningCallback(0.8, "global", ramp_epochs=0), QuantizationCallback("asym", 4)]
 
 
-def train_lightning(args: argparse.Namespace, splits: dict, compressed: bool) -> float:
-    """(b)/(c) Seconds for the timed steps of ``Classifier`` fitted by a Trainer."""
+def train_lightning(args: argparse.Namespace, splits: dict, compressed: bool, bf16: bool = False,
+                    distill: bool = False) -> float:
+    """(b)-(f) Seconds for the timed steps of ``Classifier`` fitted by a Trainer."""
     total = args.warmup + args.steps
     timer = Timer(args.device, first=args.warmup, last=total - 1)
     callbacks = [*(compression() if compressed else []), *([CompileNetwork()] if args.compile else []), timer]
-    module = Classifier(resnet20(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    fit = trainer(args, callbacks, max_epochs=1, limit_train_batches=total, limit_val_batches=0)
+    teacher = Teacher(resnet20(), 0.9, 4.0) if distill else None
+    module = Classifier(resnet20(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, teacher=teacher)
+    fit = trainer(args, callbacks, bf16, max_epochs=1, limit_train_batches=total, limit_val_batches=0)
     fit.fit(module, datamodule=datamodule(splits, args.device))
     return timer.seconds
 
@@ -223,6 +228,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the network in every training variant")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--real", action="store_true", help="real CIFAR-10 from $COMPRESS_DATA")
+    parser.add_argument("--distill", action="store_true", help="also (f): (e) + distill=kd, the teacher's extra forward")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -238,6 +244,12 @@ def main() -> None:
         "(b) compress (Lightning)": lambda: train_lightning(args, splits, compressed=False),
         "(c) compress + prune 80% + asym q4": lambda: train_lightning(args, splits, compressed=True),
     }
+    if args.device == "cpu":
+        train["(d) (b) in bf16 autocast"] = lambda: train_lightning(args, splits, compressed=False, bf16=True)
+        train["(e) (c) in bf16 autocast"] = lambda: train_lightning(args, splits, compressed=True, bf16=True)
+    if args.distill:
+        bf16 = args.device == "cpu"
+        train["(f) (e) + distill=kd"] = lambda: train_lightning(args, splits, compressed=True, bf16=bf16, distill=True)
     plain_model, q_model = resnet20().to(args.device), resnet20().to(args.device)
     evals = {
         "plain torch.inference_mode": lambda: eval_plain(args, splits, plain_model),
@@ -254,7 +266,7 @@ def main() -> None:
             eval_ips[name].append(n_test / run())
 
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    a, b, c = train_ips.values()
+    a, b, c = (train_ips[k] for k in list(train_ips)[:3])
     ratio_ba = statistics.median(y / x for x, y in zip(a, b))
     ratio_cb = statistics.median(y / x for x, y in zip(b, c))
     eval_compress = statistics.median(eval_ips["compress trainer.test"])
@@ -274,6 +286,15 @@ def main() -> None:
     print("targets (ratios: median of per-repeat ratios)")
     print(check("(b)/(a) train", ratio_ba, TARGETS["b/a"]))
     print(check("(c)/(b) train", ratio_cb, TARGETS["c/b"]))
+    if args.device == "cpu":
+        d, e = train_ips["(d) (b) in bf16 autocast"], train_ips["(e) (c) in bf16 autocast"]
+        print(check("(d)/(b) train, bf16 / fp32", statistics.median(y / x for x, y in zip(b, d)), TARGETS["bf16"]))
+        print(check("(e)/(c) train, bf16 / fp32, compressed", statistics.median(y / x for x, y in zip(c, e)), TARGETS["bf16"]))
+    if args.distill:
+        base = train_ips["(e) (c) in bf16 autocast" if args.device == "cpu" else "(c) compress + prune 80% + asym q4"]
+        f = train_ips["(f) (e) + distill=kd"]
+        print(f"  {'(f)/(e) train, distillation cost':<34}{statistics.median(y / x for x, y in zip(base, f)):9.3f}"
+              "  (the teacher's forward per step)")
     print(check("eval, compress trainer.test", eval_compress, TARGETS["eval"], " img/s"))
     print(check("peak RSS", rss_gib, TARGETS["rss_gib"], " GiB", higher=False))
 

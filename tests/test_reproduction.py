@@ -22,7 +22,7 @@ from compress.layers import bake
 from compress.models import resnet20
 from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback, baked_grids
-from compress.reproduce import expected_runs, publish, restore, restore_stage
+from compress.reproduce import expected_runs, finished_runs, prepare, publish, restore, restore_stage, run_publishing
 from compress.stats import distinct_values, distinct_values_per_channel, sparsity
 from compress.verify import MEAN, STD
 
@@ -60,6 +60,30 @@ def test_published_runs_are_restored_and_the_report_lists_what_is_missing(tmp_pa
     for n in (4, 3, 2):
         assert f"`table3_3/nbits={n},quant=asym`: not started yet" in report
     assert "- a note" in report
+
+
+def test_a_partial_reproduction_keeps_the_tables_published_before(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COMPRESS_RUNS", str(tmp_path / "runs"))
+    out = tmp_path / "published"
+    fake_run(out / "runs" / "table3_1", "prune=global", ["prune=global", "experiment=table3_1", "budget=full"],
+             {"metrics.json": "{}"})
+    reported = prepare(out, ["table3_4"], "full", [])
+    assert reported == ["table3_1", "table3_4"]
+    assert (tmp_path / "runs" / "table3_1" / "full" / "prune=global" / "metrics.json").is_file()
+    report = publish(out, reported, "full", [], []).read_text()
+    assert (out / "runs" / "table3_1" / "prune=global" / "metrics.json").is_file()  # not wiped
+    assert "`table3_4/nbits=2,prune=global,quant=asym`: not started yet" in report
+
+
+def test_runs_finishing_during_a_sweep_are_published_as_they_finish(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    script = (f"import pathlib, time\nfor n in (1, 2):\n    time.sleep(0.3)\n"
+              f"    d = pathlib.Path({str(sweep)!r}) / f'run{{n}}'\n    d.mkdir(parents=True)\n"
+              f"    (d / 'metrics.json').write_text('{{}}')\ntime.sleep(0.3)\n")
+    seen: list[set[str]] = []
+    rc = run_publishing([sys.executable, "-c", script], sweep, lambda: seen.append(finished_runs(sweep)), poll_s=0.05)
+    assert rc == 0
+    assert seen[0] == {"run1"} and seen[-1] == {"run1", "run2"}
 
 
 def test_a_published_pruning_run_refills_the_stage_cache(tmp_path: Path) -> None:
