@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from compress.checkpoint import source_id
-from compress.data import resolve_eval_batch
+from compress.data import check_test_split, resolve_eval_batch
 from compress.distill import check_distill
 from compress.export import FP_DTYPES
 from compress.loggers import check_loggers
@@ -69,6 +69,7 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"prune.method={cfg.prune.method!r} is not allowed: use one of {', '.join(PRUNE_METHODS)}")
     _count("trainer.max_epochs", cfg.trainer.max_epochs)
     resolve_eval_batch(cfg.data.eval_batch_size, torch.device("cpu"))
+    check_test_split(cfg.data.test_split)
     if cfg.export_fp_dtype not in FP_DTYPES:
         raise ValueError(f"export_fp_dtype={cfg.export_fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
     if cfg.quant.mode != "none":
@@ -107,6 +108,7 @@ NEUTRAL: dict[str, object] = {
     "distill": {"kind": "none"},
     "quant.granularity": "tensor",
     "quant.learn_range": False,
+    "data.test_split": "all",
 }
 
 

@@ -22,6 +22,27 @@ STD = (0.229, 0.224, 0.225)
 
 
 DOWNLOADS = ("auto", True, False)
+TEST_SPLITS = ("all", "search", "report")
+TEST_SPLIT_SEED = 0  # fixed, whatever the run's seed: every run and report uses the same halves
+
+
+def check_test_split(split: object) -> str:
+    """Return ``split`` if it is one of :data:`TEST_SPLITS`, else raise ``ValueError`` naming it."""
+    if split not in TEST_SPLITS:
+        raise ValueError(f"data.test_split={split!r} is not allowed: use one of {', '.join(TEST_SPLITS)}")
+    return split  # type: ignore[return-value]
+
+
+def split_mask(n: int, split: str) -> torch.Tensor:
+    """Which of ``n`` test images (in file order) belong to ``split``: ``all``, or one of two
+    seeded halves of them (``torch.randperm(n)`` with seed :data:`TEST_SPLIT_SEED`: its first
+    ``n // 2`` entries are the ``search`` half, on which a search may select; the rest the
+    ``report`` half, on which its choices are reported)."""
+    keep = torch.ones(n, dtype=torch.bool)
+    if check_test_split(split) != "all":
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
+        keep[order[: n // 2] if split == "report" else order[n // 2 :]] = False
+    return keep
 
 
 def default_root() -> Path:
@@ -180,6 +201,8 @@ class CIFAR10Data(pl.LightningDataModule):
         device: where the dataset lives and is augmented: ``auto`` (the attached trainer's
             device, so ``trainer=gpu`` keeps the data on the GPU), ``cpu`` or ``cuda``.
         train_subset: use only the first N training images (0: all); for smoke runs.
+        test_split: which test images to test on: ``all``, or the ``search`` or ``report``
+            half (see :func:`split_mask`), so a search selects on one half and reports on the other.
     """
 
     def __init__(
@@ -192,6 +215,7 @@ class CIFAR10Data(pl.LightningDataModule):
         seed: int = 0,
         device: str = "auto",
         train_subset: int = 0,
+        test_split: str = "all",
     ) -> None:
         super().__init__()
         if download not in DOWNLOADS:
@@ -200,6 +224,7 @@ class CIFAR10Data(pl.LightningDataModule):
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.seed, self.device, self.train_subset = val_size, seed, device, train_subset
+        self.test_split = check_test_split(test_split)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check(self) -> None:
@@ -217,13 +242,14 @@ class CIFAR10Data(pl.LightningDataModule):
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
         if self.train_subset:
             train_idx = train_idx[: self.train_subset]
-        test = load_split(self.root, train=False)
+        test_images, test_labels = load_split(self.root, train=False)
+        test_idx = split_mask(len(test_labels), self.test_split)
         dev = self.trainer.strategy.root_device if self.device == "auto" and self.trainer else torch.device(
             "cpu" if self.device == "auto" else self.device)
         self.splits = {
             "train": (images[train_idx].to(dev), labels[train_idx].to(dev)),
             "val": (images[val_idx].to(dev), labels[val_idx].to(dev)),
-            "test": (test[0].to(dev), test[1].to(dev)),
+            "test": (test_images[test_idx].to(dev), test_labels[test_idx].to(dev)),
         }
 
     def _batches(self, split: str, train: bool) -> TensorBatches:

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.data import MEAN, STD, EpochSeed, TensorBatches, augment, check_root, normalize, resolve_eval_batch
+from compress.data import (MEAN, STD, EpochSeed, TensorBatches, augment, check_root, check_test_split, normalize,
+                           resolve_eval_batch, split_mask)
 
 
 def images(n: int = 16) -> torch.Tensor:
@@ -87,3 +88,15 @@ def test_check_root_names_the_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data_batch_1") as err:
         check_root(tmp_path)
     assert f"data.root={str(tmp_path)!r}" in str(err.value)
+
+
+def test_test_split_halves_are_seeded_disjoint_and_cover_the_test_set() -> None:
+    everything = split_mask(10_000, "all")
+    search, report = split_mask(10_000, "search"), split_mask(10_000, "report")
+    assert everything.all() and int(search.sum()) == int(report.sum()) == 5_000
+    assert not (search & report).any() and (search | report).all()
+    assert torch.equal(search, split_mask(10_000, "search"))  # a fixed seed: the same halves every time
+    assert 0.4 < search[:5_000].float().mean() < 0.6  # mixed through the file, not its first half
+    for bad in ("train", "", None):
+        with pytest.raises(ValueError, match=f"data.test_split={bad!r} is not allowed: use one of all, search, report"):
+            check_test_split(bad)
