@@ -13,11 +13,12 @@ from compress.data import check_test_split, resolve_eval_batch
 from compress.distill import check_distill
 from compress.export import FP_DTYPES
 from compress.loggers import check_loggers
-from compress.models import ARCHS
+from compress.layers import block_convs, prunable_layers
+from compress.models import ARCHS, build
 from compress.models.weights import published_weights
 from compress.progress import check_progress
-from compress.prune import check_sparsity
-from compress.quant import MODES, check_clip, check_granularity, check_learn_range, check_nbits
+from compress.prune import check_layer_sparsity, check_sparsity
+from compress.quant import MODES, check_clip, check_granularity, check_layer_nbits, check_learn_range, check_nbits
 
 PRUNE_METHODS = ("none", "oneshot", "iterative", "global")
 
@@ -78,8 +79,10 @@ def validate(cfg: DictConfig) -> None:
         check_clip(cfg.quant.clip)
         check_granularity(cfg.quant.granularity)
         check_learn_range(cfg.quant.learn_range)
+        check_layer_nbits(cfg.quant.layer_nbits, block_convs(build(cfg.model.name)))
     if cfg.prune.method != "none":
         check_sparsity(cfg.prune.sparsity)
+        check_layer_sparsity(cfg.prune.layer_sparsity, prunable_layers(build(cfg.model.name)))
         epochs = _count("prune.epochs", cfg.prune.epochs)
         ramp = _count("prune.ramp_epochs", cfg.prune.ramp_epochs)
         if ramp > epochs:
@@ -109,6 +112,8 @@ NEUTRAL: dict[str, object] = {
     "quant.granularity": "tensor",
     "quant.learn_range": False,
     "data.test_split": "all",
+    "prune.layer_sparsity": None,
+    "quant.layer_nbits": None,
 }
 
 

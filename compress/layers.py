@@ -9,7 +9,7 @@ holding the values the model computed with, and keeps a quantizer's grid beside 
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Callable, Iterable, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from compress.models.resnet import BasicBlock
 
 P = TypeVar("P", bound=nn.Module)
+T = TypeVar("T")
 GRID_ATTR = "baked_weight_grid"  # where bake keeps a quantized module's (scale, offset)
 
 
@@ -40,6 +41,22 @@ def block_convs(model: nn.Module) -> dict[str, nn.Module]:
     The stem convolution and the classifier stay full precision, as in the seed report."""
     blocks = {n for n, m in model.named_modules() if isinstance(m, BasicBlock)}
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] in blocks}
+
+
+def check_layer_map(key: str, mapping: object, layers: Iterable[str], check: Callable[[object, str], T]) -> dict[str, T]:
+    """A per-layer setting (``key``, e.g. ``quant.layer_nbits``) as ``{layer name: value}``,
+    each value passed through ``check(value, its dotted key)``; ``ValueError`` naming an unknown
+    layer with the list of valid ones (``layers``), or a map that is not one."""
+    if mapping is None:
+        return {}
+    valid = list(layers)
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{key}={mapping!r} is not allowed: use a map of layer name to value, "
+                         f"e.g. {key}={{{valid[0] if valid else 'layer'}:...}}")
+    unknown = [str(n) for n in mapping if n not in valid]
+    if unknown:
+        raise ValueError(f"{key} names unknown layer {unknown[0]!r}: use one of {', '.join(valid)}")
+    return {str(n): check(v, f"{key}.{n}") for n, v in mapping.items()}
 
 
 def network(pl_module: nn.Module) -> nn.Module:

@@ -17,6 +17,9 @@ so its own ``(scale, offset)`` and, with ``clip="mse"``, its own clip factor; ``
 seed's) one for the whole tensor. ``learn_range=True`` makes the scale (and the ``asym`` offset)
 trainable instead of following the weights' range (LSQ, see :mod:`compress.lsq`).
 
+``layer_nbits`` (``quant.layer_nbits``: block conv name -> bit width) gives the layers it names
+their own bit width; the others take ``nbits``.
+
 Weights that are exactly zero stay exactly zero, so pruned weights stay pruned. The backward
 pass is the straight-through estimator: the gradient w.r.t. the latent weight is the identity
 (pruned weights get no gradient from the pruning mask that comes before the quantizer).
@@ -28,14 +31,14 @@ updates ``conv.parametrizations.weight.original``. Removing it bakes the quantiz
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Literal, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.layers import Quantizer, bake, baked_grid, block_convs, network, with_parametrization
+from compress.layers import Quantizer, bake, baked_grid, block_convs, check_layer_map, network, with_parametrization
 from compress.lsq import LearnedFakeQuant
 
 Mode = Literal["sym", "asym"]
@@ -46,12 +49,24 @@ CLIP_GRID = torch.linspace(0.2, 1.0, 41).tolist()  # range factors the mse searc
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel")
 
 
-def check_nbits(nbits: object) -> int:
-    """Return ``nbits`` as an int, or raise ``ValueError`` naming it and the allowed range."""
+def check_nbits(nbits: object, key: str = "nbits") -> int:
+    """Return ``nbits`` as an int, or raise ``ValueError`` naming it (as ``key``) and the allowed range."""
     lo, hi = NBITS_RANGE
     if isinstance(nbits, bool) or not isinstance(nbits, int) or not lo <= nbits <= hi:
-        raise ValueError(f"nbits={nbits!r} is not allowed: nbits must be an integer in {lo}..{hi}")
+        raise ValueError(f"{key}={nbits!r} is not allowed: nbits must be an integer in {lo}..{hi}")
     return nbits
+
+
+def check_layer_nbits(layer_nbits: object, layers: Iterable[str]) -> dict[str, int]:
+    """``quant.layer_nbits`` as ``{block conv: nbits}``; ``ValueError`` naming an unknown layer
+    (with the valid ``layers``, the quantized block convs) or a bit width outside 2..8."""
+    return check_layer_map("quant.layer_nbits", layer_nbits, layers, check_nbits)
+
+
+def layer_widths(model: nn.Module, nbits: int, layer_nbits: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The bit width of every block conv of ``model``: its own from ``layer_nbits``, else ``nbits``."""
+    own = check_layer_nbits(layer_nbits, block_convs(model))
+    return {n: own.get(n, nbits) for n in block_convs(model)}
 
 
 def check_mode(mode: object) -> str:
@@ -199,13 +214,15 @@ class QuantizationCallback(pl.Callback):
             range factor that minimizes the quantization error, found at install).
         granularity: ``"tensor"`` (one range per tensor) or ``"channel"`` (one per output channel).
         learn_range: train the scale (and ``asym`` offset), initialized from the range above.
+        layer_nbits: bit widths of single block convs (name -> nbits); the others take ``nbits``.
     """
 
     def __init__(self, mode: Mode, nbits: int, clip: str = "minmax", granularity: str = "tensor",
-                 learn_range: bool = False) -> None:
+                 learn_range: bool = False, layer_nbits: Mapping[str, int] | None = None) -> None:
         self.mode, self.nbits, self.clip = check_mode(mode), check_nbits(nbits), check_clip(clip)
         self.channel = check_granularity(granularity) == "channel"
         self.learn_range = check_learn_range(learn_range)
+        self.layer_nbits = {str(n): check_nbits(b, f"quant.layer_nbits.{n}") for n, b in (layer_nbits or {}).items()}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.install(network(pl_module))
@@ -224,16 +241,19 @@ class QuantizationCallback(pl.Callback):
         """Parametrize the block convolutions of ``model`` (no-op if already done)."""
         if with_parametrization(model, Quantizer):
             return
-        for m in self.check(model).values():
-            parametrize.register_parametrization(m, "weight", self.quantizer(m.weight.detach()))
+        layers = self.check(model)
+        widths = layer_widths(model, self.nbits, self.layer_nbits)
+        for name, m in layers.items():
+            parametrize.register_parametrization(m, "weight", self.quantizer(m.weight.detach(), widths[name]))
 
-    def quantizer(self, w: torch.Tensor) -> Quantizer:
-        """The parametrization for the (masked) weight ``w``."""
-        factor = mse_clip(w, self.mode, self.nbits, self.channel) if self.clip == "mse" else 1.0
+    def quantizer(self, w: torch.Tensor, nbits: int | None = None) -> Quantizer:
+        """The parametrization for the (masked) weight ``w``, at ``nbits`` (default: the callback's)."""
+        nbits = self.nbits if nbits is None else nbits
+        factor = mse_clip(w, self.mode, nbits, self.channel) if self.clip == "mse" else 1.0
         if not self.learn_range:
-            return FakeQuant(self.mode, self.nbits, factor, self.channel)
-        scale, offset = quant_params(w, self.mode, self.nbits, factor, self.channel)
-        return LearnedFakeQuant(scale, offset, code_range(self.mode, self.nbits), learn_offset=self.mode == "asym")
+            return FakeQuant(self.mode, nbits, factor, self.channel)
+        scale, offset = quant_params(w, self.mode, nbits, factor, self.channel)
+        return LearnedFakeQuant(scale, offset, code_range(self.mode, nbits), learn_offset=self.mode == "asym")
 
     @staticmethod
     def remove(model: nn.Module) -> None:

@@ -160,7 +160,8 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
         stages.append(Stage(
             "prune",
             prune.epochs,
-            lambda m: [PruningCallback(prune.sparsity, prune.scope, prune.ramp_epochs, masks=m)],
+            lambda m: [PruningCallback(prune.sparsity, prune.scope, prune.ramp_epochs, masks=m,
+                                       layer_sparsity=prune.layer_sparsity)],
             cache_key=stage_key(cfg, pretrained_id),
         ))
     keep = lambda m: [PruningCallback(0.0, masks=m)] if m else []  # noqa: E731 - keeps a loaded model's zeros
@@ -168,7 +169,8 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
         def quant_callbacks(m: dict[str, torch.Tensor]) -> list[pl.Callback]:
             """Masks kept, fake quantization, then BatchNorm re-estimation if asked for."""
             recalibrate = [BatchNormRecalibration(quant.bn_recalibration)] if quant.bn_recalibration else []
-            quantize = QuantizationCallback(quant.mode, cfg.nbits, quant.clip, quant.granularity, quant.learn_range)
+            quantize = QuantizationCallback(quant.mode, cfg.nbits, quant.clip, quant.granularity, quant.learn_range,
+                                            quant.layer_nbits)
             return [*keep(m), quantize, *recalibrate]
 
         stages.append(Stage("quant", quant.epochs, quant_callbacks))

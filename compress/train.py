@@ -32,7 +32,8 @@ from compress.config import config_hash, validate
 from compress.export import save as save_artifact
 from compress.interrupt import Interrupted, stop_on_signals
 from compress.progress import duration
-from compress.quant import QuantizationCallback, baked_grids
+from compress.prune import layer_targets
+from compress.quant import QuantizationCallback, baked_grids, layer_widths
 from compress.stages import run_stages
 from compress.stats import distinct_values, distinct_values_per_channel, sparsity
 
@@ -86,8 +87,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     distinct = distinct_values(model) if quantized else {}
     per_channel = distinct_values_per_channel(model) if quantized else {}
     granularity = cfg.quant.granularity if quantized else None
+    widths = layer_widths(model, cfg.nbits, cfg.quant.layer_nbits) if quantized else {}
+    own_widths = {"layer_nbits": dict(cfg.quant.layer_nbits)} if quantized and cfg.quant.layer_nbits else {}
+    pruned = cfg.prune.method != "none"
+    targets = layer_targets(model, cfg.prune.sparsity, cfg.prune.scope, cfg.prune.layer_sparsity) if pruned else {}
     meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits, "granularity": granularity,
-                      "grids": baked_grids(model)} if quantized else None,
+                      "grids": baked_grids(model), **own_widths} if quantized else None,
             "config": OmegaConf.to_yaml(cfg, resolve=True)}
     save_checkpoint(out_dir / "model.pt", model, masks, meta)
     size = save_artifact(Checkpoint(model.state_dict(), masks, meta), out_dir / "model.cpk", cfg.export_fp_dtype)
@@ -102,6 +107,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         "test_acc": (final.after or final.before)["acc"],
         "test_loss": (final.after or final.before)["loss"],
         "sparsity": sparsity(model),
+        "layer_sparsity": targets,  # target per layer (null: under the global threshold)
+        "layer_nbits": widths,
         "quantized_tensors": len(distinct),
         "max_distinct_values": max(distinct.values(), default=None),
         "distinct_values": distinct,

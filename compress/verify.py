@@ -5,13 +5,16 @@ from the packed ``model.cpk``, evaluates it in fp32 on the CIFAR-10 test set rea
 the official pickle files (``$COMPRESS_DATA`` or ``--data``; no code of the training pipeline),
 and checks it against the run's ``metrics.json``:
 
-- test accuracy within ``--tol`` (default 0.001);
+- test accuracy within ``--tol`` (default 0.001), on the test images the run tested on (all,
+  or the seeded half of ``data.test_split``);
 - per-layer sparsity as recorded, and at least the target: every layer for layer-wise pruning
-  (``oneshot``, ``iterative``), all conv/linear weights together for ``global``;
+  (``oneshot``, ``iterative``), all conv/linear weights together for ``global``; a layer with
+  its own target (``prune.layer_sparsity``) at least that, and for ``global`` the other layers together;
 - per quantized tensor, the distinct nonzero values as recorded, and the most of any output
   channel as recorded (runs from before that was recorded: not checked); at most ``2^nbits``
   per tensor, or per output channel for ``quant.granularity=channel`` runs
-  (``choices.granularity``; runs without it are per tensor).
+  (``choices.granularity``; runs without it are per tensor), ``nbits`` being the layer's own
+  (``layer_nbits`` in ``metrics.json``; runs without it: ``choices.nbits``).
 
 One line per run, then a summary; exit 1 if any run fails a check, 2 on bad input.
 """
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.data import split_mask
 from compress.export import load
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the checkpoint's normalization
@@ -81,7 +85,8 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[
         return False, "no model.cpk"
     model = load(run / "model.cpk")
     problems = []
-    acc = accuracy(model, x, y)
+    split = split_mask(len(y), ((m.get("config") or {}).get("data") or {}).get("test_split", "all"))
+    acc = accuracy(model, x[split], y[split])
     if abs(acc - m["test_acc"]) > tol:
         problems.append(f"test acc {acc:.4f} != metrics {m['test_acc']:.4f}")
     zeros, distinct, per_channel, total = layer_stats(model)
@@ -89,31 +94,42 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[
     if recorded and any(abs(zeros[n] - s) > 1e-9 for n, s in recorded.items()):
         problems.append("per-layer sparsity differs from metrics.json")
     prune = m["config"]["prune"]
-    overall = sum(zeros[n] * model.get_submodule(n).weight.numel() for n in zeros) / total
-    if prune["method"] in LAYER_WISE:
-        short = [n for n, s in zeros.items() if s < prune["sparsity"]]
+    numel = {n: model.get_submodule(n).weight.numel() for n in zeros}
+    overall = sum(zeros[n] * numel[n] for n in zeros) / total
+    if prune["method"] != "none":
+        own = prune.get("layer_sparsity") or {}
+        targets = {n: own.get(n, prune["sparsity"] if prune["method"] in LAYER_WISE else None) for n in zeros}
+        short = [n for n, t in targets.items() if t is not None and zeros[n] < t]
         if short:
-            problems.append(f"{len(short)} layers under {prune['sparsity']:.0%} sparsity ({short[0]} {zeros[short[0]]:.4f})")
-    elif prune["method"] == "global" and overall < prune["sparsity"]:
-        problems.append(f"overall sparsity {overall:.4f} < {prune['sparsity']}")
+            problems.append(f"{len(short)} layers under their target sparsity ({short[0]} {zeros[short[0]]:.4f} "
+                            f"< {targets[short[0]]})")
+        shared = [n for n, t in targets.items() if t is None]  # global: under the one threshold
+        pooled = sum(zeros[n] * numel[n] for n in shared) / max(1, sum(numel[n] for n in shared))
+        if shared and pooled < prune["sparsity"]:
+            problems.append(f"{'overall' if len(shared) == len(zeros) else 'pooled'} sparsity {pooled:.4f} < {prune['sparsity']}")
     quant = m["choices"]["quant"]
     nbits = m["choices"]["nbits"]
-    worst = None
+    worst, mixed = None, False
     channel = m["choices"].get("granularity") == "channel"
     if quant != "none":
         recorded_q = m.get("distinct_values") or {}
+        widths = {n: (m.get("layer_nbits") or {}).get(n, nbits) for n in recorded_q}
         bounded, what = (per_channel, "tensors with a channel of") if channel else (distinct, "tensors with")
-        over = {n: bounded[n] for n in recorded_q if bounded[n] > 2**nbits}
+        over = {n: bounded[n] for n in recorded_q if bounded[n] > 2 ** widths[n]}
         if over:
             first = next(iter(over))
-            problems.append(f"{len(over)} {what} more than {2**nbits} values ({first} {over[first]})")
+            bound = f"{2 ** widths[first]}" if len({widths[n] for n in over}) == 1 else "2^(their nbits)"
+            problems.append(f"{len(over)} {what} more than {bound} values ({first} {over[first]})")
         if any(distinct[n] != v for n, v in recorded_q.items()):
             problems.append("distinct values differ from metrics.json")
         if any(per_channel[n] != v for n, v in (m.get("distinct_values_per_channel") or {}).items()):
             problems.append("distinct values per channel differ from metrics.json")
         worst = max((bounded[n] for n in recorded_q), default=0)
+        mixed = len(set(widths.values())) > 1
     line = (f"acc {acc:.4f} (metrics {m['test_acc']:.4f})  sparsity {overall:.3f}"
-            + (f"  max distinct {worst}/{2**nbits}{' per channel' if channel else ''}" if worst is not None else ""))
+            + (f"  max distinct {worst}/{2**nbits}{' per channel' if channel else ''}" if worst is not None and not mixed else "")
+            + (f"  distinct <= 2^nbits of each layer ({min(widths.values())}..{max(widths.values())} bits)"
+               if worst is not None and mixed else ""))
     return not problems, line + ("  FAIL: " + "; ".join(problems) if problems else "")
 
 

@@ -10,7 +10,9 @@ Layout (all integers little-endian)::
     14      ...   payload:
                     u32 manifest length, zlib-compressed JSON manifest
                       {"arch", "num_classes", "quant", "fp_dtype", "tensors": [[name, shape], ...]}
-                      ("quant": {"mode", "nbits"}, plus "granularity": "channel" where per channel)
+                      ("quant": {"mode", "nbits"}, plus "granularity": "channel" where per channel,
+                      and "layer_nbits": {layer: nbits} where some layers have their own width;
+                      each record holds its own nbits, so readers need neither)
                     one record per manifest tensor, in manifest order (see ``records``)
 
 ``arch`` names the network (``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``), told from
@@ -49,7 +51,8 @@ SUFFIX = ".cpk"
 
 def quant_meta(ckpt: Checkpoint) -> QuantSpec | None:
     """How the checkpoint's block convs were quantized (mode, nbits, granularity, the grids
-    recorded when they were baked: none in checkpoints from before they were), or None."""
+    recorded when they were baked: none in checkpoints from before they were; the bit widths
+    of single layers, ``layer_nbits``), or None."""
     q = (ckpt.meta or {}).get("quant")
     if not q:
         return None
@@ -59,7 +62,8 @@ def quant_meta(ckpt: Checkpoint) -> QuantSpec | None:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"checkpoint meta: malformed quantization grids ({type(e).__name__}: {e})") from None
     channel = check_granularity(q.get("granularity", "tensor")) == "channel"
-    return QuantSpec(check_mode(q.get("mode")), check_nbits(q.get("nbits")), channel, grids)
+    widths = {f"{n}.weight": check_nbits(b, f"quant.layer_nbits.{n}") for n, b in (q.get("layer_nbits") or {}).items()}
+    return QuantSpec(check_mode(q.get("mode")), check_nbits(q.get("nbits")), channel, grids, widths)
 
 
 def reference(ckpt: Checkpoint) -> ResNet:
@@ -99,13 +103,15 @@ def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
         if not t.is_floating_point():
             records.append(encode_int(name, t))
         elif name in quantized:
-            records.append(encode_quant(name, t, quant))
+            records.append(encode_quant(name, t, quant.for_tensor(name)))
         else:
             records.append(encode_float(name, t, FP_DTYPES[fp_dtype]))
     manifest = {
         "arch": model.arch,
         "num_classes": model.linear.out_features,
-        "quant": {"mode": quant.mode, "nbits": quant.nbits, **({"granularity": "channel"} if quant.channel else {})}
+        "quant": {"mode": quant.mode, "nbits": quant.nbits, **({"granularity": "channel"} if quant.channel else {}),
+                  **({"layer_nbits": {n.removesuffix(".weight"): b for n, b in quant.layer_nbits.items()}}
+                     if quant.layer_nbits else {})}
         if quant else None,
         "fp_dtype": fp_dtype,
         "tensors": [[n, list(t.shape)] for n, t in ckpt.state_dict.items()],

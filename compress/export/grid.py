@@ -9,7 +9,7 @@ values. Else each grid is fitted to its values by :func:`fit_grid`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -91,13 +91,19 @@ def fit_grid(values: torch.Tensor, mode: str, nbits: int, zeros: bool = False) -
 @dataclass(frozen=True)
 class QuantSpec:
     """How a checkpoint's block convs were quantized: ``mode``, ``nbits``, one grid per output
-    channel (``channel``) or per tensor, and the grids recorded at bake time, by weight name:
-    ``(scales, offsets)`` float32 arrays, one entry per grid."""
+    channel (``channel``) or per tensor, the grids recorded at bake time, by weight name:
+    ``(scales, offsets)`` float32 arrays, one entry per grid, and the bit widths of the tensors
+    quantized at another width than ``nbits`` (``layer_nbits``, by weight name)."""
 
     mode: str
     nbits: int
     channel: bool = False
     grids: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    layer_nbits: Mapping[str, int] = field(default_factory=dict)
+
+    def for_tensor(self, name: str) -> QuantSpec:
+        """This spec at the bit width of the weight ``name``."""
+        return replace(self, nbits=self.layer_nbits.get(name, self.nbits))
 
 
 @dataclass

@@ -140,7 +140,7 @@ def to_onnx(ckpt: Checkpoint) -> OnnxModel:
     def weight(key: str) -> str:
         if key not in quantized:
             return g.const(key, sd[key].numpy())
-        coded = out.coded[key] = coded_weight(key, sd[key], quant)
+        coded = out.coded[key] = coded_weight(key, sd[key], quant.for_tensor(key))
         axis = {"axis": 0} if coded.per_channel else {}
         y = g.op("DequantizeLinear", [g.const(f"{key}.codes", coded.codes),
                                       g.const(f"{key}.scale", coded.scale.reshape(-1) if axis else coded.scale)],
