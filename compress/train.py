@@ -34,6 +34,7 @@ from compress.interrupt import Interrupted, stop_on_signals
 from compress.progress import duration
 from compress.prune import layer_targets
 from compress.quant import QuantizationCallback, baked_grids, layer_widths
+from compress import sensitivity
 from compress.stages import run_stages
 from compress.stats import distinct_values, distinct_values_per_channel, sparsity
 
@@ -128,9 +129,21 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     return metrics
 
 
+def objectives(out_dir: Path) -> tuple[float, int] | None:
+    """What a search optimizes, from the run's ``metrics.json``: ``(test_acc, compressed_bytes)``
+    (to maximize and to minimize); None where there is none (a sensitivity sweep, a failed run)."""
+    try:
+        m = json.loads((out_dir / "metrics.json").read_text())
+        return float(m["test_acc"]), int(m["compressed_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @hydra.main(version_base="1.3", config_path="pkg://compress.conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Hydra task: run one job, turning a user error into one line and exit status 2.
+def main(cfg: DictConfig) -> tuple[float, int] | None:
+    """Hydra task: run one job (a sensitivity sweep where the config has ``sensitivity``),
+    turning a user error into one line and exit status 2; returns the run's :func:`objectives`
+    (what ``hparams_search`` sweeps optimize).
 
     In a multirun the error is re-raised instead, so Hydra marks this job failed and runs the
     others (its launcher reports the failure when the sweep ends; the exit status is then 1).
@@ -144,7 +157,7 @@ def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         with stop_on_signals():
-            run(cfg, out_dir)
+            (sensitivity.run if "sensitivity" in cfg else run)(cfg, out_dir)
     except Interrupted as e:
         log.debug("interrupted", exc_info=True)
         print(f"error: {e.message()}", file=sys.stderr)
@@ -156,6 +169,7 @@ def main(cfg: DictConfig) -> None:
             raise
         discard_failed(out_dir)
         sys.exit(2)
+    return objectives(out_dir)
 
 
 def discard_failed(out_dir: Path) -> None:
