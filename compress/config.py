@@ -8,6 +8,7 @@ import json
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from compress.actquant import check_abits
 from compress.checkpoint import source_id
 from compress.data import check_test_split, resolve_eval_batch
 from compress.distill import check_distill
@@ -80,6 +81,7 @@ def validate(cfg: DictConfig) -> None:
         check_granularity(cfg.quant.granularity)
         check_learn_range(cfg.quant.learn_range)
         check_layer_nbits(cfg.quant.layer_nbits, block_convs(build(cfg.model.name)))
+        check_abits(cfg.quant.abits)
     if cfg.prune.method != "none":
         check_sparsity(cfg.prune.sparsity)
         check_layer_sparsity(cfg.prune.layer_sparsity, prunable_layers(build(cfg.model.name)))
@@ -114,6 +116,7 @@ NEUTRAL: dict[str, object] = {
     "data.test_split": "all",
     "prune.layer_sparsity": None,
     "quant.layer_nbits": None,
+    "quant.abits": None,
 }
 
 

@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from compress.actquant import ActivationQuantCallback
 from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.config import config_hash, digest, drop_neutral
@@ -167,11 +168,12 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
     keep = lambda m: [PruningCallback(0.0, masks=m)] if m else []  # noqa: E731 - keeps a loaded model's zeros
     if quant.mode != "none":
         def quant_callbacks(m: dict[str, torch.Tensor]) -> list[pl.Callback]:
-            """Masks kept, fake quantization, then BatchNorm re-estimation if asked for."""
+            """Masks kept, weight (and activation) fake quantization, then BatchNorm re-estimation if asked for."""
             recalibrate = [BatchNormRecalibration(quant.bn_recalibration)] if quant.bn_recalibration else []
             quantize = QuantizationCallback(quant.mode, cfg.nbits, quant.clip, quant.granularity, quant.learn_range,
                                             quant.layer_nbits)
-            return [*keep(m), quantize, *recalibrate]
+            activations = [ActivationQuantCallback(quant.abits, quant.learn_range)] if quant.abits else []
+            return [*keep(m), quantize, *activations, *recalibrate]
 
         stages.append(Stage("quant", quant.epochs, quant_callbacks))
     if not stages:

@@ -92,8 +92,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     own_widths = {"layer_nbits": dict(cfg.quant.layer_nbits)} if quantized and cfg.quant.layer_nbits else {}
     pruned = cfg.prune.method != "none"
     targets = layer_targets(model, cfg.prune.sparsity, cfg.prune.scope, cfg.prune.layer_sparsity) if pruned else {}
+    abits = {"abits": cfg.quant.abits} if quantized and cfg.quant.abits else {}
     meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits, "granularity": granularity,
-                      "grids": baked_grids(model), **own_widths} if quantized else None,
+                      "grids": baked_grids(model), **own_widths, **abits} if quantized else None,
             "config": OmegaConf.to_yaml(cfg, resolve=True)}
     save_checkpoint(out_dir / "model.pt", model, masks, meta)
     size = save_artifact(Checkpoint(model.state_dict(), masks, meta), out_dir / "model.cpk", cfg.export_fp_dtype)
@@ -101,6 +102,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     metrics = {
         "config_hash": digest,
         "choices": {"prune": cfg.prune.method, "quant": cfg.quant.mode, "nbits": cfg.nbits if quantized else None,
+                    "abits": cfg.quant.abits if quantized else None,
                     "granularity": granularity,
                     "name": cfg.name, "seed": cfg.seed, "model": cfg.model.name},
         "before_ft": final.before,

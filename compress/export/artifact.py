@@ -39,6 +39,7 @@ from compress.export.grid import QuantSpec
 from compress.export.records import (FP_DTYPES, LAYOUT_NAMES, QUANT_CHANNEL, Reader, Record, decode_values,
                                      encode_float, encode_int, encode_quant)
 from compress.layers import block_convs, prunable_layers
+from compress.actquant import check_abits, install
 from compress.models import ARCHS, ResNet, arch_of, build
 from compress.quant import check_granularity, check_mode, check_nbits
 
@@ -66,15 +67,30 @@ def quant_meta(ckpt: Checkpoint) -> QuantSpec | None:
     return QuantSpec(check_mode(q.get("mode")), check_nbits(q.get("nbits")), channel, grids, widths)
 
 
+def abits_of(quant: Mapping[str, Any] | None) -> int | None:
+    """The activation bit width a checkpoint's ``meta["quant"]`` (or a manifest's ``quant``)
+    records: None where activations are full precision (and in files from before ``abits``)."""
+    return check_abits((quant or {}).get("abits"))
+
+
+def with_activation_quant(model: ResNet, abits: int | None) -> ResNet:
+    """``model`` with activation quantizers in its slots if ``abits`` is set (their ranges come
+    with the state dict)."""
+    if abits is not None:
+        install(model, abits)
+    return model
+
+
 def reference(ckpt: Checkpoint) -> ResNet:
     """A fresh network of the architecture the checkpoint holds (one of
-    :data:`compress.models.ARCHS`, told by its parameter names), ``ValueError`` naming any mismatch."""
+    :data:`compress.models.ARCHS`, told by its parameter names; with activation quantizers if
+    its meta says so), ``ValueError`` naming any mismatch."""
     sd = ckpt.state_dict
     arch = arch_of(sd)
     if arch not in ARCHS:
         raise ValueError(f"checkpoint is not one of the CIFAR ResNets ({', '.join(ARCHS)}): "
                          f"{'it has no linear.weight or layer1.0.conv1.weight' if arch is None else arch}")
-    model = build(arch, int(sd["linear.weight"].shape[0]))
+    model = with_activation_quant(build(arch, int(sd["linear.weight"].shape[0])), abits_of((ckpt.meta or {}).get("quant")))
     _check_matches(model, sd, "checkpoint")
     return model
 
@@ -95,7 +111,7 @@ def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
     if fp_dtype not in FP_DTYPES:
         raise ValueError(f"fp_dtype={fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
     model = reference(ckpt)
-    quant = quant_meta(ckpt)
+    quant, abits = quant_meta(ckpt), abits_of((ckpt.meta or {}).get("quant"))
     quantized = {f"{n}.weight" for n in block_convs(model)} if quant else set()
     records = []
     for name, t in ckpt.state_dict.items():
@@ -111,7 +127,8 @@ def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
         "num_classes": model.linear.out_features,
         "quant": {"mode": quant.mode, "nbits": quant.nbits, **({"granularity": "channel"} if quant.channel else {}),
                   **({"layer_nbits": {n.removesuffix(".weight"): b for n, b in quant.layer_nbits.items()}}
-                     if quant.layer_nbits else {})}
+                     if quant.layer_nbits else {}),
+                  **({"abits": abits} if abits is not None else {})}
         if quant else None,
         "fp_dtype": fp_dtype,
         "tensors": [[n, list(t.shape)] for n, t in ckpt.state_dict.items()],
@@ -194,9 +211,9 @@ def load(source: bytes | bytearray | memoryview | str | os.PathLike) -> ResNet:
     if arch not in ARCHS:
         raise ValueError(f"artifact holds a {arch!r}, this code rebuilds {', '.join(ARCHS)}")
     try:
-        model = build(arch, int(manifest["num_classes"]))
+        model = with_activation_quant(build(arch, int(manifest["num_classes"])), abits_of(manifest.get("quant")))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"malformed artifact manifest: num_classes ({e})") from None
+        raise ValueError(f"malformed artifact manifest: num_classes or quant ({e})") from None
     _check_matches(model, tensors, "artifact")
     model.load_state_dict(tensors, strict=True)
     return model.eval()

@@ -15,6 +15,8 @@ the saved weights, zeros included, and no BatchNorm is folded into a quantized c
   boolean mask keeps them zero. Every weight comes back bit for bit (emulated in float32
   before writing, :meth:`CodedWeight.values`; a mismatch is an export bug and raises).
 - Everything else (stem conv, classifier, BatchNorm, unquantized models) is plain float32.
+- Fake-quantized activations (``quant.abits``) are ``Div``, ``Clip``, ``Round``, ``Mul`` by
+  their float32 step, the operations ``compress.actquant`` computes (both round half to even).
 
 Opset 21 (INT4 ``DequantizeLinear``). The dependencies are the ``onnx`` extra
 (``pip install -e .[onnx]``).
@@ -33,6 +35,9 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from torch import nn
+
+from compress.actquant import ActFakeQuant, activation_quantizers
 from compress.checkpoint import Checkpoint
 from compress.export.artifact import quant_meta, reference
 from compress.export.grid import QuantSpec, grid_codes
@@ -158,12 +163,24 @@ def to_onnx(ckpt: Checkpoint) -> OnnxModel:
         params = [g.const(f"{bn}.{p}", sd[f"{bn}.{p}"].numpy()) for p in ("weight", "bias", "running_mean", "running_var")]
         return g.op("BatchNormalization", [y, *params], f"{bn}.out", epsilon=eps)
 
+    def activation(x: str, slot: nn.Module, name: str) -> str:
+        """``x`` fake-quantized as :class:`ActFakeQuant` does: ``round(clip(x / s, 0, top)) * s``."""
+        if not isinstance(slot, ActFakeQuant):
+            return x
+        step = g.const(f"{name}.step", slot.step().numpy())
+        bounds = [g.const(f"{name}.{k}", np.array(v, np.float32)) for k, v in (("lo", 0), ("hi", slot.top))]
+        codes = g.op("Round", [g.op("Clip", [g.op("Div", [x, step], f"{name}.scaled"), *bounds], f"{name}.clipped")],
+                     f"{name}.codes")
+        return g.op("Mul", [codes, step], name)
+
+    model.load_state_dict(sd)  # activation ranges, if any
     x = g.op("Relu", [conv_bn("images", "conv1", "bn1", 1)], "stem.out")
     for stage in ("layer1", "layer2", "layer3"):
         for i, block in enumerate(model.get_submodule(stage)):
             p = f"{stage}.{i}"
+            x = activation(x, block.act_in, f"{p}.act_in")
             y = g.op("Relu", [conv_bn(x, f"{p}.conv1", f"{p}.bn1", block.stride)], f"{p}.relu1")
-            y = conv_bn(y, f"{p}.conv2", f"{p}.bn2", 1)
+            y = conv_bn(activation(y, block.act_mid, f"{p}.act_mid"), f"{p}.conv2", f"{p}.bn2", 1)
             x = g.op("Relu", [g.op("Add", [y, _shortcut(g, x, p, block.stride, block.pad)], f"{p}.add")], f"{p}.out")
     pooled = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "features", axis=1)
     g.op("Gemm", [pooled, g.const("linear.weight", sd["linear.weight"].numpy()),
@@ -196,15 +213,23 @@ class Agreement:
     images: int
     max_abs_diff: float
     argmax_agreement: float
+    # With fake-quantized activations a last-bit difference between two runtimes' convolutions
+    # can move an activation across a rounding boundary, to the next level: the logits then
+    # differ by a whole step's effect, so only the predicted classes are held to the check.
+    quantized_activations: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= MAX_LOGIT_DIFF and self.argmax_agreement >= MIN_ARGMAX_AGREEMENT
+        close = self.quantized_activations or self.max_abs_diff <= MAX_LOGIT_DIFF
+        return close and self.argmax_agreement >= MIN_ARGMAX_AGREEMENT
 
     def describe(self) -> str:
-        verdict = "ok" if self.ok else f"FAILED (allowed: <= {MAX_LOGIT_DIFF:g}, >= {MIN_ARGMAX_AGREEMENT:.1%})"
+        allowed = f"{'' if self.quantized_activations else f'<= {MAX_LOGIT_DIFF:g}, '}>= {MIN_ARGMAX_AGREEMENT:.1%}"
+        verdict = "ok" if self.ok else f"FAILED (allowed: {allowed})"
+        note = " (activations quantized: logits may differ by a level's step, argmax checked)" \
+            if self.quantized_activations else ""
         return (f"onnxruntime vs PyTorch on {self.images} images: max |logit diff| {self.max_abs_diff:.2e}, "
-                f"same argmax {self.argmax_agreement:.2%}: {verdict}")
+                f"same argmax {self.argmax_agreement:.2%}{note}: {verdict}")
 
 
 def session(source: onnx.ModelProto | str | Path, threads: int = 0) -> ort.InferenceSession:
@@ -232,4 +257,4 @@ def compare(source: onnx.ModelProto | str | Path, model: ResNet, images: torch.T
         theirs = torch.from_numpy(sess.run(["logits"], {"images": x.numpy()})[0])
         worst = max(worst, float((ours - theirs).abs().max()))
         same += int((ours.argmax(1) == theirs.argmax(1)).sum())
-    return Agreement(len(images), worst, same / max(len(images), 1))
+    return Agreement(len(images), worst, same / max(len(images), 1), bool(activation_quantizers(model)))

@@ -27,6 +27,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.stride = stride
         self.pad = planes - in_planes
+        # activation slots: identities unless activations are fake-quantized (compress.actquant)
+        self.act_in: nn.Module = nn.Identity()
+        self.act_mid: nn.Module = nn.Identity()
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 1 and self.pad == 0:
@@ -35,7 +38,8 @@ class BasicBlock(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        x = self.act_in(x)
+        out = self.act_mid(F.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
