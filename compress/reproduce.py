@@ -39,7 +39,7 @@ from typing import Callable
 
 import yaml
 
-from compress.checkpoint import Checkpoint, save_checkpoint
+from compress.checkpoint import save_checkpoint
 from compress.config import DEFAULT_MODEL, model_tag
 from compress.layers import prunable_layers
 from compress.report import write_report
@@ -133,14 +133,19 @@ def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str]) -> in
         rest = [o for o in overrides if o not in launched]
         if not set(launched) <= set(overrides) or any(o.split("=", 1)[0] not in swept for o in rest):
             continue  # launched with other overrides: not part of this reproduction
-        run, target = hydra_dir.parent, dest / hydra_dir.parent.name
-        shutil.copytree(hydra_dir, target / ".hydra", dirs_exist_ok=True)
-        if (run / "metrics.json").is_file():
-            for name in RUN_FILES:
-                if (run / name).is_file():
-                    shutil.copy2(run / name, target / name)
-            n += 1
+        run = hydra_dir.parent
+        finished = (run / "metrics.json").is_file()
+        copy_run(run, dest / run.name, with_files=finished)
+        n += finished
     return n
+
+
+def copy_run(run: Path, target: Path, with_files: bool = True) -> None:
+    """Copy a run's ``.hydra/`` config and (``with_files``) those of :data:`RUN_FILES` it has."""
+    shutil.copytree(run / ".hydra", target / ".hydra", dirs_exist_ok=True)
+    for name in RUN_FILES if with_files else ():
+        if (run / name).is_file():
+            shutil.copy2(run / name, target / name)
 
 
 def restore(published: Path, sweep: Path) -> int:
@@ -151,10 +156,7 @@ def restore(published: Path, sweep: Path) -> int:
         run, target = metrics.parent, sweep / metrics.parent.name
         if (target / "metrics.json").is_file():
             continue
-        shutil.copytree(run / ".hydra", target / ".hydra", dirs_exist_ok=True)
-        for name in RUN_FILES:
-            if (run / name).is_file():
-                shutil.copy2(run / name, target / name)
+        copy_run(run, target)
         n += 1
     return n
 

@@ -11,12 +11,24 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from compress.models import resnet20
 
 REPO = Path(__file__).resolve().parents[1]
 
 RunApp = Callable[..., subprocess.CompletedProcess]
+Compose = Callable[..., DictConfig]
+
+
+@pytest.fixture
+def hydra_compose(monkeypatch: pytest.MonkeyPatch) -> Iterator[Compose]:
+    """``hydra_compose(overrides=(), **kw)``: the app's config composed from ``conf/`` (as
+    ``hydra.compose``), with ``$COMPRESS_RUNS`` unset so sweep dirs take their default."""
+    monkeypatch.delenv("COMPRESS_RUNS", raising=False)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        yield lambda overrides=(), **kw: compose("config", overrides=list(overrides), **kw)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,11 +8,9 @@ import itertools
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from compress.config import config_hash, validate
@@ -25,11 +23,6 @@ QUANT = ("none", "sym", "asym")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 BUDGETS = sorted(p.stem for p in (CONF / "budget").glob("*.yaml"))
 
-
-@pytest.fixture
-def hydra_compose() -> Iterator:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides=(), **kw: compose("config", overrides=list(overrides), **kw)
 
 
 def check(cfg: DictConfig) -> None:

@@ -5,27 +5,18 @@ options or models are added. The values were computed before the model family ex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from compress.checkpoint import source_id
 from compress.config import config_hash
 from compress.stages import stage_key
+from conftest import Compose
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet20-12fca82f.th"
 
-Compose = Callable[..., DictConfig]
 
-
-@pytest.fixture
-def hydra_compose(monkeypatch: pytest.MonkeyPatch) -> Iterator[Compose]:
-    monkeypatch.delenv("COMPRESS_RUNS", raising=False)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides, **kw: compose("config", overrides=list(overrides), **kw)
 
 
 # (overrides, trainer.precision, config hash, pruning-stage key or None); weights from the URL

@@ -17,7 +17,6 @@ from compress.checkpoint import Checkpoint, save_checkpoint
 from compress.export import (
     HEADER,
     VERSION,
-    VERSIONS,
     delta_bits,
     delta_decode,
     delta_encode,

@@ -10,12 +10,9 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from compress.checkpoint import Checkpoint, apply_checkpoint
 from compress.config import config_hash, validate
@@ -27,22 +24,14 @@ from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback
 from compress.reproduce import sweep_dir
 from compress.stats import distinct_values
-from conftest import RunApp, app_command
+from conftest import Compose, RunApp, app_command
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}  # shared/README.md
 PUBLISHED_ACC = {"resnet32": 0.9263, "resnet44": 0.9310, "resnet56": 0.9339}  # on the 10k CIFAR-10 test images
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as in test_real_data: faster on a busy 2-core machine
 
-Compose = Callable[..., DictConfig]
 
-
-@pytest.fixture
-def hydra_compose(monkeypatch: pytest.MonkeyPatch) -> Iterator[Compose]:
-    monkeypatch.delenv("COMPRESS_RUNS", raising=False)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides, **kw: compose("config", overrides=list(overrides), **kw)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
