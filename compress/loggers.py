@@ -46,5 +46,7 @@ def make_loggers(spec: DictConfig | None, out_dir: Path, stage: str) -> list[Log
             extra["save_dir"] = str(out_dir)
         if "version" in params and conf.get("version") is None:
             extra["version"] = stage
+        if "tracking_uri" in params and conf.get("tracking_uri") is None:  # MLflow: its file store is retired
+            extra["tracking_uri"] = f"sqlite:///{out_dir / 'mlflow.db'}"
         loggers.append(instantiate(conf, **extra))
     return loggers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import time
@@ -21,6 +22,9 @@ from compress.progress import check_progress, duration
 from conftest import REPO, app_command
 
 HAS_TENSORBOARD = find_spec("tensorboard") is not None or find_spec("tensorboardX") is not None
+OPTIONAL_LOGGERS = [name for name in ("wandb", "mlflow") if find_spec(name) is not None]
+
+
 def test_display_settings_do_not_change_the_hash() -> None:
     with initialize_config_module("compress.conf", version_base="1.3"):
         base = config_hash(compose("config"))
@@ -78,6 +82,19 @@ def test_debug_budget_runs_every_stage_with_progress_and_csv(debug_run) -> None:
 def test_tensorboard_logger_writes_event_files(debug_run) -> None:
     for stage in ("prune", "quant"):
         assert list((debug_run.run_dir / "tensorboard" / stage).glob("events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(not OPTIONAL_LOGGERS, reason="neither wandb nor mlflow is installed")
+def test_wandb_and_mlflow_presets_log_into_the_run_dir(run_app, data_root: Path, pretrained: Path) -> None:
+    proc = run_app("prune=global", "budget=debug", f"logger=[{','.join(OPTIONAL_LOGGERS)}]",
+                   env={"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "wandb" in OPTIONAL_LOGGERS:  # an offline run, to `wandb sync` later
+        assert list((proc.run_dir / "wandb").glob("offline-run-*-prune/run-prune.wandb"))
+    if "mlflow" in OPTIONAL_LOGGERS:  # a SQLite store in the run dir (MLflow retired its file store)
+        with sqlite3.connect(proc.run_dir / "mlflow.db") as db:
+            keys = {k for (k,) in db.execute("select distinct key from metrics")}
+        assert {"train/loss", "val/acc", "test/acc"} <= keys
 
 
 def test_results_are_readable_by_everyone(debug_run) -> None:
