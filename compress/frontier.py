@@ -45,6 +45,7 @@ from compress.report import SEED, find_runs, label, slots
 log = logging.getLogger(__name__)
 
 PUBLISHED = ("multirun/published/full", "multirun/published/smoke")  # the faithful tables, best budget first
+REPORT_IMAGES = 5000  # the report half of the CIFAR-10 test set
 SEARCH_FILE = "search.json"  # the search's command, commit and wall time, written by FrontierCallback
 SEED_CELLS = [("3.2", n, q, f"3.2 {q}{n}, no FT") for n in (6, 5, 4, 3, 2) for q in ("asym", "sym")] + \
     [("3.3", n, "acc_after", f"3.3 asym{n} + FT") for n in (5, 4, 3, 2)] + \
@@ -147,8 +148,14 @@ def best_within(front: Sequence[Trial], size: int) -> Trial | None:
     return max(small, key=lambda t: (t.acc_report, -t.compressed_bytes), default=None)
 
 
+def standard_error(acc: float, images: int) -> float:
+    """The standard error of an accuracy ``acc`` measured on ``images`` test images."""
+    return (acc * (1 - acc) / images) ** 0.5
+
+
 def dominance_table(front: Sequence[Trial], seeds: Sequence[SeedPoint]) -> list[str]:
-    """Markdown lines: for each seed point, whether a front point (report half) dominates it."""
+    """Markdown lines: for each seed point, whether a front point (report half) dominates it
+    (and whether the accuracy difference is below two standard errors of the report half)."""
     lines = ["| seed point | seed acc | bytes (ours, same config) | dominated by the front? | best front point at ≤ these bytes "
              "(report half) | Δ acc (points) |", "|---|---|---|---|---|---|"]
     for p in seeds:
@@ -157,7 +164,8 @@ def dominance_table(front: Sequence[Trial], seeds: Sequence[SeedPoint]) -> list[
             verdict, where, delta = "no: no front point is this small", "—", "—"
         else:
             yes = dominates(best.acc_report, best.compressed_bytes, p.acc, p.compressed_bytes)
-            verdict = "**yes**" if yes else "no"
+            noise = abs(best.acc_report - p.acc) < 2 * standard_error(p.acc, REPORT_IMAGES)
+            verdict = ("**yes**" if yes else "no") + (" (Δ within noise)" if noise else "")
             where = f"`{best.run}`: {best.acc_report:.4f}, {best.compressed_bytes:,} B"
             delta = f"{(best.acc_report - p.acc) * 100:+.2f}"
         lines.append(f"| {p.name} | {p.acc:.4f} | {p.compressed_bytes:,} (`{p.bytes_from}`) | {verdict} | {where} | {delta} |")
@@ -250,7 +258,7 @@ def write_front(sweep: Path, out: Path, data_root: Path, published: Sequence[Pat
            "- Seed points: the seed's Table 3.2-3.4 accuracies (on all 10,000 test images) at the size of our "
            "`model.cpk` of the same configuration (the seed reports no sizes), from our published runs. Our published runs "
            "are drawn at their own accuracy (all 10,000 images) and size. A 5,000-image accuracy has a standard error of "
-           "about 0.4 points near 0.9, so differences below about 1 point are within noise.", "",
+           "about 0.4 points near 0.9: \"Δ within noise\" marks a difference below two standard errors.", "",
            "## The front", "",
            "| run | sparsity | quant | nbits | own layer widths | acc (search half, selection) | acc (report half) | bytes | bits/weight |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -307,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not a.sweep.is_dir():
             raise FileNotFoundError(f"{a.sweep}: not a directory")
-        notes = [f"- Written by `{shlex.join(['python', '-m', 'compress.frontier', *(argv if argv is not None else sys.argv[1:])])}`."]
+        from compress.reproduce import git_commit
+
+        command = shlex.join(["python", "-m", "compress.frontier", *(argv if argv is not None else sys.argv[1:])])
+        notes = [f"- Written by `{command}` at commit `{git_commit(a.out or a.sweep)}`."]
         path = write_front(a.sweep, a.out or a.sweep, a.data, a.published, notes)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

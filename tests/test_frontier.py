@@ -41,8 +41,9 @@ def test_the_seed_points_take_our_bytes_and_are_judged_on_the_report_half() -> N
     seeds = [SeedPoint("3.2 asym4, no FT", 0.8973, 150_016, "full/x"), SeedPoint("3.3 asym4 + FT", 0.9140, 150_035, "smoke/y"),
              SeedPoint("3.2 sym2, no FT", 0.1, 20_754, "full/z")]
     lines = dominance_table(front, seeds)
-    assert "| 3.2 asym4, no FT | 0.8973 | 150,016 (`full/x`) | **yes** | `big`: 0.9050, 150,000 B | +0.77 |" in lines
+    assert "| 3.2 asym4, no FT | 0.8973 | 150,016 (`full/x`) | **yes** (Δ within noise) | `big`: 0.9050, 150,000 B | +0.77 |" in lines
     assert "| 3.3 asym4 + FT | 0.9140 | 150,035 (`smoke/y`) | no | `big`: 0.9050, 150,000 B | -0.90 |" in lines
+    assert dominance_table(front, [SeedPoint("3.4", 0.85, 70_000, "s")])[2].split(" | ")[3] == "**yes**"  # +3.5 points
     assert any(ln.startswith("| 3.2 sym2, no FT |") and "no front point is this small" in ln for ln in lines)
 
 
