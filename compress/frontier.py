@@ -232,6 +232,9 @@ def write_front(sweep: Path, out: Path, data_root: Path, published: Sequence[Pat
         from compress.reproduce import restore  # copies finished run dirs (metrics.json, .hydra/, model.cpk)
         shutil.rmtree(out / "runs", ignore_errors=True)
         restore(sweep, out / "runs")
+        for name in (SEARCH_FILE, "optimization_results.yaml"):  # what the sweeper itself recorded
+            if (sweep / name).is_file():
+                shutil.copy2(sweep / name, out / name)
     atomic_write(out / "front.csv", lambda f: f.write(_csv(front)))
     atomic_write(out / "trials.csv", lambda f: f.write(_csv(found)))
     drew = figure(found, front, seeds, runs, out / "front.png")
@@ -264,7 +267,10 @@ def write_front(sweep: Path, out: Path, data_root: Path, published: Sequence[Pat
            "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| `{t.run}` | {t.sparsity if t.sparsity is not None else '—'} | {t.quant} | {t.nbits} | {t.layer_nbits or '—'} | "
            f"{t.acc_search:.4f} | {t.acc_report:.4f} | {t.compressed_bytes:,} | {t.bits_per_weight:.2f} |" for t in front]
-    md += ["", f"## The seed's points: {len(dominated)} of {len(seeds)} dominated by the front", "",
+    close = [p for p in dominated if abs(best_within(front, p.compressed_bytes).acc_report - p.acc)
+             < 2 * standard_error(p.acc, REPORT_IMAGES)]
+    md += ["", f"## The seed's points: {len(dominated)} of {len(seeds)} dominated by the front "
+           f"({len(close)} of them by less than two standard errors)", "",
            "A seed point is dominated when a front point is at least as accurate (report half) and at most as large, "
            "and better in one of the two.", "", *dominance_table(front, seeds), ""]
     md += ["![front.png](front.png)", "", "*Accuracy vs `model.cpk` bytes: trials and the front on the search half "
