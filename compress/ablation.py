@@ -72,8 +72,9 @@ def table(cells: dict[tuple[str, str], dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def write(sweep: Path, out: Path) -> Path:
-    """Write ``ablation.md`` and ``ablation.csv`` for ``sweep`` into ``out``; returns the .md."""
+def write(sweep: Path, out: Path, notes: list[str] = ()) -> Path:
+    """Write ``ablation.md`` and ``ablation.csv`` for ``sweep`` into ``out`` (``notes``: extra
+    header lines, e.g. the command and commit that made the runs); returns the .md."""
     cells, missing, splits = collect(sweep)
     rows = table(cells)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,10 +83,12 @@ def write(sweep: Path, out: Path) -> Path:
     atomic_write(out / "ablation.csv", lambda f: f.write(buf.getvalue().encode()))
     walls = [m["wall_time_s"] for m in cells.values()]
     budget = sorted({m["config"].get("budget_name", "?") for m in cells.values()})
+    hardware = sorted({", ".join(f"{k} {v}" for k, v in (m.get("hardware") or {}).items()) for m in cells.values()})
     lines = [
         "# Ablation: what each option adds on top of the strong recipe", "",
         f"- Sweep: `{sweep}`; budget {', '.join(budget)}; {len(cells)} finished runs, "
         f"{sum(walls) / 60:.1f} min of run wall time in all.",
+        *(f"- Hardware: {h}" for h in hardware), *(f"- {n}" for n in notes),
         f"- Test accuracy on the `{'`, `'.join(sorted(splits))}` test split"
         + (" (the seeded half of the test set that selects recipes; the tables report on the rest)"
            if splits == {"search"} else "") + "; Δ in points against the `strong` row.",
@@ -103,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compress.ablation", description=__doc__.splitlines()[0])
     p.add_argument("sweep", type=Path, help="the sweep dir of experiment=ablation")
     p.add_argument("--out", type=Path, help="where ablation.md/.csv go (default: the sweep dir)")
+    p.add_argument("--note", action="append", default=[], help="a header line (repeatable): command, commit, ...")
     a = p.parse_args(argv)
     if not a.sweep.is_dir():
         print(f"error: {a.sweep} is not a directory: give the sweep dir of experiment=ablation", file=sys.stderr)
         return 2
-    print(f"ablation table written to {write(a.sweep, a.out or a.sweep)}")
+    print(f"ablation table written to {write(a.sweep, a.out or a.sweep, a.note)}")
     return 0
 
 

@@ -33,6 +33,7 @@ def test_expected_runs_are_hydras_dir_names() -> None:
     assert expected_runs("table3_4", []) == [f"nbits={n},prune=global,quant=asym" for n in (5, 4, 3, 2)]
     assert expected_runs("table3_1", ["trainer=gpu", "progress=none"])[0] == "prune=none,trainer=gpu"
     assert len(expected_runs("table3_2_strong", [])) == 10  # inherited from table3_2
+    assert expected_runs("table3_4_best", []) == expected_runs("table3_4", [])
 
 
 def fake_run(root: Path, name: str, overrides: list[str], files: dict[str, str]) -> Path:
