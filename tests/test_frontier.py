@@ -95,33 +95,45 @@ def test_frontier_configs_compose_with_the_optuna_sweeper(hydra_compose, tmp_pat
     assert cfg.hydra.callbacks.report._target_ == "compress.frontier.FrontierCallback"
     assert set(cfg.hydra.sweeper.params) == {"prune.sparsity", "quant", "nbits"}
     assert hydra_compose(["hparams_search=frontier", "budget=debug"]).budget_name == "debug"  # the command line wins
-    rows = [{"layer": n, "method": "asym", "setting": 2, "weights": 1, "acc": a, "acc_search": a, "acc_report": 0.9,
-             "drop": 0} for n, a in (("layer1.0.conv1", 0.3), ("layer3.2.conv2", 0.5), ("layer2.0.conv2", 0.8))]
-    with open(tmp_path / "s.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    cfg = hydra_compose(["hparams_search=frontier_layers", f"frontier.sensitivity={tmp_path / 's.csv'}",
+    ranking = sensitivity_csv(tmp_path / "s.csv", {"layer1.0.conv1": 0.3, "layer3.2.conv2": 0.5, "layer2.0.conv2": 0.8})
+    cfg = hydra_compose(["hparams_search=frontier_layers", f"frontier.sensitivity={ranking}",
                          "frontier.protect=2", "nbits=3"])
     assert cfg.quant.layer_nbits == {"layer1.0.conv1": 5, "layer3.2.conv2": 5}
     validate(cfg)
     assert hydra_compose(["hparams_search=frontier_layers"]).quant.layer_nbits == {}  # protect 0: reads no file
 
 
+def sensitivity_csv(path: Path, accs: dict[str, float]) -> Path:
+    """A sensitivity CSV in which each named block conv has the given search-half accuracy."""
+    rows = [{"layer": n, "method": "asym", "setting": 2, "weights": 1, "acc": a, "acc_search": a, "acc_report": 0.9,
+             "drop": 0} for n, a in accs.items()]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 @pytest.mark.slow
 def test_a_tiny_search_writes_its_front(tmp_path: Path, data_root: Path, pretrained: Path) -> None:
-    """Two trials at a few batches each: every trial selected on the search half, Optuna got
-    (test_acc, compressed_bytes) back from each, the front is written with its report-half accuracy."""
+    """Two trials at a few batches each, with the two most sensitive layers protected: every
+    trial selected on the search half at its own per-layer widths, Optuna got (test_acc,
+    compressed_bytes) back from each, the front is written with its report-half accuracy."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     import subprocess
 
     sweep = tmp_path / "sweep"
-    cmd, env, _ = app_command(["hparams_search=frontier", "budget=debug", "trainer.max_epochs=1",
-                               "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"], tmp_path, env={"OMP_NUM_THREADS": "1"})
+    ranking = sensitivity_csv(tmp_path / "s.csv", {"layer1.0.conv1": 0.3, "layer3.2.conv2": 0.5, "layer2.0.conv2": 0.8})
+    cmd, env, _ = app_command(["hparams_search=frontier_layers", f"frontier.sensitivity={ranking}", "frontier.protect=2",
+                               "budget=debug", "trainer.max_epochs=1", "hydra.sweeper.n_trials=2",
+                               f"hydra.sweep.dir={sweep}"], tmp_path, env={"OMP_NUM_THREADS": "1"})
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = trials(sweep)
     assert 1 <= len(found) <= 2
+    for t in found:
+        wide = min(8, t.nbits + 2)
+        assert t.layer_nbits == ("" if wide == t.nbits else f"layer1.0.conv1:{wide} layer3.2.conv2:{wide}")
     told = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["solutions"]
     assert {tuple(s["values"]) for s in told} <= {(t.acc_search, float(t.compressed_bytes)) for t in found}
     with open(sweep / "front.csv") as f:
