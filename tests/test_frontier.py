@@ -6,11 +6,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
 import compress.sensitivity  # noqa: F401 - registers the sensitive_widths resolver
 from compress.config import validate
@@ -19,7 +17,6 @@ from compress.report import SEED
 
 from conftest import REPO, app_command
 
-CONF = REPO / "conf"
 
 
 def trial(run: str, acc: float, size: int, report: float | None = None) -> Trial:
@@ -79,12 +76,6 @@ def test_trials_must_have_selected_on_the_search_half(tmp_path: Path) -> None:
     fake_run(tmp_path, "b", "global", "asym", 4, 0.9, 70_000, split="all")
     with pytest.raises(ValueError, match="tested on data.test_split='all'; a frontier search selects on 'search' only"):
         trials(tmp_path)
-
-
-@pytest.fixture
-def hydra_compose() -> Iterator:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides=(), **kw: compose("config", overrides=list(overrides), **kw)
 
 
 def test_frontier_configs_compose_with_the_optuna_sweeper(hydra_compose, tmp_path: Path) -> None:

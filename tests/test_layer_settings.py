@@ -7,33 +7,22 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from compress.checkpoint import Checkpoint
 from compress.config import config_hash, validate
 from compress.export import export, load, size_report
-from compress.models import resnet20
 from compress.layers import bake, block_convs, prunable_layers
+from compress.models import resnet20
 from compress.prune import PruningCallback, check_layer_sparsity, layer_targets, magnitude_masks, prune_count
 from compress.quant import QuantizationCallback, baked_grids, check_layer_nbits, layer_widths
 from compress.stats import distinct_values
 from compress.verify import main as verify
 
-from conftest import REPO
-
-CONF = REPO / "conf"
 MIXED = {"layer1.0.conv1": 2, "layer3.2.conv2": 6}
-
-
-@pytest.fixture
-def hydra_compose() -> Iterator:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides=(): compose("config", overrides=list(overrides))
 
 
 def zeros(model: nn.Module) -> dict[str, int]:
