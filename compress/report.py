@@ -66,10 +66,11 @@ DEFAULT_MODEL = "resnet20"  # the seed's model, and that of runs from before the
 
 
 class Section(NamedTuple):
-    """One model at one budget: tables and figures never mix two."""
+    """One model at one budget in one setting: tables and figures never mix two."""
 
     model: str
     budget: str
+    variant: str = ""  # a setting the seed's tables do not have (see :func:`variant_of`); "" if none
 
     @property
     def name(self) -> str:
@@ -78,18 +79,43 @@ class Section(NamedTuple):
 
     @property
     def label(self) -> str:
-        """``budget `full``` for ResNet-20 (as before the family existed), else ``ResNet-56, budget `full```."""
-        return f"budget `{self.budget}`" if self.seeded else f"{self.name}, budget `{self.budget}`"
+        """``budget `full``` for ResNet-20 (as before the family existed), else ``ResNet-56, budget `full```;
+        a variant follows: ``budget `smoke`, activations 4-bit``."""
+        base = f"budget `{self.budget}`" if self.model == DEFAULT_MODEL else f"{self.name}, budget `{self.budget}`"
+        return f"{base}, {self.variant}" if self.variant else base
 
     @property
     def tag(self) -> str:
-        """File-name part of its figures: ``full``, ``resnet56_full``."""
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.budget if self.seeded else f"{self.model}_{self.budget}")
+        """File-name part of its figures: ``full``, ``resnet56_full``, ``smoke_activations_4-bit``."""
+        parts = [*([] if self.model == DEFAULT_MODEL else [self.model]), self.budget, *([self.variant] if self.variant else [])]
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(parts))
 
     @property
     def seeded(self) -> bool:
-        """Whether the seed report has numbers for it (ResNet-20 only)."""
-        return self.model == DEFAULT_MODEL
+        """Whether the seed report has numbers for it (ResNet-20 in the seed's settings only)."""
+        return self.model == DEFAULT_MODEL and not self.variant
+
+
+def variant_of(config: dict | None) -> str:
+    """What in a run's resolved config makes it a setting the seed's tables do not have, as a
+    label ("" for none): quantized activations, per-layer widths or sparsities, a sparsity
+    other than 80%, a test split other than all. Recipes (clipping, BatchNorm re-estimation,
+    per-channel ranges, LSQ, distillation) fill the seed's cells and are not variants."""
+    c = config or {}
+    quant, prune = c.get("quant") or {}, c.get("prune") or {}
+    parts = []
+    if quant.get("mode", "none") != "none" and quant.get("abits"):
+        parts.append(f"activations {quant['abits']}-bit")
+    if quant.get("mode", "none") != "none" and quant.get("layer_nbits"):
+        parts.append("per-layer bit widths")
+    if prune.get("method", "none") != "none" and prune.get("layer_sparsity"):
+        parts.append("per-layer sparsity")
+    if prune.get("method", "none") != "none" and prune.get("sparsity", 0.8) != 0.8:
+        parts.append(f"sparsity {prune['sparsity']:g}")
+    split = (c.get("data") or {}).get("test_split", "all")
+    if split != "all":
+        parts.append(f"test split {split}")
+    return ", ".join(parts)
 
 
 class Job(NamedTuple):
@@ -101,10 +127,11 @@ class Job(NamedTuple):
     nbits: int | None
     ft: bool  # whether its last stage fine-tunes (after_ft exists)
     model: str = DEFAULT_MODEL
+    variant: str = ""
 
     @property
     def section(self) -> Section:
-        return Section(self.model, self.budget)
+        return Section(self.model, self.budget, self.variant)
 
 
 @dataclass
@@ -166,7 +193,8 @@ def job_of_metrics(m: Any) -> Job:
     if not all(isinstance(s, dict) and isinstance(s.get("history") or [], list) for s in m.get("stages") or []):
         raise TypeError("stages must be objects with a history list")
     budget = str((m.get("config") or {}).get("budget_name", "?"))
-    return Job(budget, c["prune"], c["quant"], c.get("nbits"), m["after_ft"] is not None, str(c.get("model", DEFAULT_MODEL)))
+    return Job(budget, c["prune"], c["quant"], c.get("nbits"), m["after_ft"] is not None, str(c.get("model", DEFAULT_MODEL)),
+               variant_of(m.get("config")))
 
 
 def job_of_config(path: Path) -> Job | None:
@@ -176,7 +204,8 @@ def job_of_config(path: Path) -> Job | None:
         prune, quant = cfg.prune.method, cfg.quant.mode
         epochs = cfg.quant.epochs if quant != "none" else cfg.prune.epochs if prune != "none" else cfg.trainer.max_epochs
         return Job(str(OmegaConf.select(cfg, "budget_name", default="?")), prune, quant,
-                   cfg.nbits if quant != "none" else None, epochs > 0, str(OmegaConf.select(cfg, "model.name", default=DEFAULT_MODEL)))
+                   cfg.nbits if quant != "none" else None, epochs > 0, str(OmegaConf.select(cfg, "model.name", default=DEFAULT_MODEL)),
+                   variant_of(OmegaConf.to_container(cfg, resolve=True)))
     except Exception:  # noqa: BLE001 - a broken config only costs the cell mapping
         return None
 
@@ -274,7 +303,8 @@ def table_md(section: Section, tid: str, cells: dict[Key, Cell], csv_rows: list[
                 text = "missing" if cell or seed is not None else "—"
             parts += [text, fmt(seed, col), "—" if d is None else f"{d:+.4f}" if col == "loss" else f"{d:+.2f}"]
             row_runs += [r for r in runs if r not in row_runs]
-            csv_rows.append([section.budget, section.model, tid, row, col, ours, n, seed, d, UNITS.get(col, "points"), ";".join(runs)])
+            table = f"{tid} ({section.variant})" if section.variant else tid
+            csv_rows.append([section.budget, section.model, table, row, col, ours, n, seed, d, UNITS.get(col, "points"), ";".join(runs)])
         lines.append("| " + " | ".join(parts + [", ".join(f"`{r}`" for r in row_runs) or "—"]) + " |")
     return lines + [""]
 
