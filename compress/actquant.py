@@ -11,8 +11,9 @@ unset (the default) nothing changes: weight-only quantization, as the seed.
 
 The levels are ``code * s`` with ``code`` in ``0..2^abits - 1`` and ``s = range / (2^abits - 1)``:
 values above ``range`` clip to the top level. ``range`` is calibrated before the stage's first
-test or fit (the mean over a few training batches of each batch's maximum), then either
-follows an exponential moving average of the batch maxima while training (``learn=False``)
+test or fit (the mean over a few training batches of each batch's maximum; ``quant.clip``
+applies to weights only), then either
+follows an exponential moving average of the batch maxima of training steps (``learn=False``)
 or is a trainable parameter with LSQ's gradient (``learn=True``: Esser et al. 2020; its
 gradient scaled by ``1 / sqrt(features * Q_p)``). Rounding is straight-through; the input's
 gradient is zero where it was clipped. The formula is the same in both modes, so a model
@@ -68,20 +69,22 @@ class ActFakeQuant(nn.Module):
         if self.observing:
             self.observed.append(x.detach().amax().float())
             return x
-        if self.training and not self.learn:
+        if self.training and not self.learn and torch.is_grad_enabled():  # not in no-grad passes (BN re-estimation)
             with torch.no_grad():
                 self.range.lerp_(x.detach().amax().float(), MOMENTUM)
-        step = self.step(detach=False)
         if self.learn:
-            step = _GradScale.apply(step, 1.0 / math.sqrt(x[0].numel() * self.top))
+            # LSQ trains the step s = range / top with gradient scale g; training range instead,
+            # its gradient is scaled by g * top^2 so that s moves as LSQ's would under SGD
+            step = self.step(_GradScale.apply(self.range, self.top**2 / math.sqrt(x[0].numel() * self.top)))
         else:
-            step = step.detach()
+            step = self.step()
         return _RoundStraightThrough.apply((x / step).clamp(0, self.top)) * step
 
-    def step(self, detach: bool = True) -> torch.Tensor:
-        """The quantization step ``range / (2^nbits - 1)`` (a tiny positive floor for range 0)."""
-        step = self.range.clamp_min(torch.finfo(torch.float32).tiny) / self.top
-        return step.detach() if detach else step
+    def step(self, value: torch.Tensor | None = None) -> torch.Tensor:
+        """The quantization step ``range / (2^nbits - 1)`` (a tiny positive floor for range 0),
+        detached, or of ``value`` (the range with its gradient path)."""
+        r = self.range.detach() if value is None else value
+        return r.clamp_min(torch.finfo(torch.float32).tiny) / self.top
 
     @torch.no_grad()
     def settle(self, value: torch.Tensor) -> None:
@@ -156,6 +159,9 @@ class ActivationQuantCallback(pl.Callback):
             seen += len(images)
             if seen >= self.calibration:
                 break
+        if seen == 0:
+            raise ValueError("quant.abits: no training batch to calibrate the activation ranges on "
+                             "(data.train_subset is smaller than one batch)")
         for q in quantizers:
             q.settle(trainer.strategy.reduce(torch.stack(q.observed).mean(), reduce_op="mean"))
         model.train(was_training)

@@ -71,6 +71,7 @@ class Section(NamedTuple):
     model: str
     budget: str
     variant: str = ""  # a setting the seed's tables do not have (see :func:`variant_of`); "" if none
+    recipe: str = ""  # how the seed's setting was trained, where not as the seed (see :func:`recipe_of`)
 
     @property
     def name(self) -> str:
@@ -82,18 +83,35 @@ class Section(NamedTuple):
         """``budget `full``` for ResNet-20 (as before the family existed), else ``ResNet-56, budget `full```;
         a variant follows: ``budget `smoke`, activations 4-bit``."""
         base = f"budget `{self.budget}`" if self.model == DEFAULT_MODEL else f"{self.name}, budget `{self.budget}`"
-        return f"{base}, {self.variant}" if self.variant else base
+        return ", ".join([base, *(x for x in (self.variant, self.recipe) if x)])
 
     @property
     def tag(self) -> str:
         """File-name part of its figures: ``full``, ``resnet56_full``, ``smoke_activations_4-bit``."""
-        parts = [*([] if self.model == DEFAULT_MODEL else [self.model]), self.budget, *([self.variant] if self.variant else [])]
+        parts = [*([] if self.model == DEFAULT_MODEL else [self.model]), self.budget, *(x for x in (self.variant, self.recipe) if x)]
         return re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(parts))
 
     @property
     def seeded(self) -> bool:
         """Whether the seed report has numbers for it (ResNet-20 in the seed's settings only)."""
         return self.model == DEFAULT_MODEL and not self.variant
+
+
+def recipe_of(config: dict | None) -> str:
+    """How a run trained or quantized differently from the seed's recipe, as a label ("" for
+    the seed's): range clipping, BatchNorm re-estimation, per-channel ranges, LSQ,
+    distillation. Such runs still fill the seed's cells (beside the seed's numbers), in a
+    section of their own, so two recipes are never averaged into one cell."""
+    c = config or {}
+    quant, distill = c.get("quant") or {}, c.get("distill") or {}
+    parts = []
+    if quant.get("mode", "none") != "none":
+        parts += [f"{quant['clip']} clip"] if quant.get("clip", "minmax") != "minmax" else []
+        parts += [f"BN re-estimation {quant['bn_recalibration']}"] if quant.get("bn_recalibration") else []
+        parts += ["per-channel"] if quant.get("granularity", "tensor") != "tensor" else []
+        parts += ["LSQ"] if quant.get("learn_range") else []
+    parts += [f"distill {distill['kind']}"] if distill.get("kind", "none") != "none" else []
+    return f"recipe: {' + '.join(parts)}" if parts else ""
 
 
 def variant_of(config: dict | None) -> str:
@@ -128,10 +146,11 @@ class Job(NamedTuple):
     ft: bool  # whether its last stage fine-tunes (after_ft exists)
     model: str = DEFAULT_MODEL
     variant: str = ""
+    recipe: str = ""
 
     @property
     def section(self) -> Section:
-        return Section(self.model, self.budget, self.variant)
+        return Section(self.model, self.budget, self.variant, self.recipe)
 
 
 @dataclass
@@ -194,7 +213,7 @@ def job_of_metrics(m: Any) -> Job:
         raise TypeError("stages must be objects with a history list")
     budget = str((m.get("config") or {}).get("budget_name", "?"))
     return Job(budget, c["prune"], c["quant"], c.get("nbits"), m["after_ft"] is not None, str(c.get("model", DEFAULT_MODEL)),
-               variant_of(m.get("config")))
+               variant_of(m.get("config")), recipe_of(m.get("config")))
 
 
 def job_of_config(path: Path) -> Job | None:
@@ -205,7 +224,8 @@ def job_of_config(path: Path) -> Job | None:
         epochs = cfg.quant.epochs if quant != "none" else cfg.prune.epochs if prune != "none" else cfg.trainer.max_epochs
         return Job(str(OmegaConf.select(cfg, "budget_name", default="?")), prune, quant,
                    cfg.nbits if quant != "none" else None, epochs > 0, str(OmegaConf.select(cfg, "model.name", default=DEFAULT_MODEL)),
-                   variant_of(OmegaConf.to_container(cfg, resolve=True)))
+                   *(f({k: OmegaConf.to_container(cfg[k]) for k in ("quant", "prune", "data", "distill") if k in cfg})
+                     for f in (variant_of, recipe_of)))
     except Exception:  # noqa: BLE001 - a broken config only costs the cell mapping
         return None
 
@@ -303,7 +323,7 @@ def table_md(section: Section, tid: str, cells: dict[Key, Cell], csv_rows: list[
                 text = "missing" if cell or seed is not None else "—"
             parts += [text, fmt(seed, col), "—" if d is None else f"{d:+.4f}" if col == "loss" else f"{d:+.2f}"]
             row_runs += [r for r in runs if r not in row_runs]
-            table = f"{tid} ({section.variant})" if section.variant else tid
+            table = f"{tid} ({', '.join(x for x in (section.variant, section.recipe) if x)})" if section.variant or section.recipe else tid
             csv_rows.append([section.budget, section.model, table, row, col, ours, n, seed, d, UNITS.get(col, "points"), ";".join(runs)])
         lines.append("| " + " | ".join(parts + [", ".join(f"`{r}`" for r in row_runs) or "—"]) + " |")
     return lines + [""]
@@ -447,7 +467,7 @@ def write_report(dirs: list[Path], out: Path, notes: list[str] = (), pending: li
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sections = sorted({k[0] for k in cells} | {job.section for *_, job in runs},
-                      key=lambda s: (not s.seeded, s.model, s.budget != "full", s.budget))
+                      key=lambda s: (not s.seeded, s.model, s.budget != "full", s.budget, s.variant, s.recipe))
 
     wall = sum(m.get("wall_time_s") or 0 for _, m, _ in runs)
     hardware = defaultdict(int)

@@ -211,13 +211,18 @@ def run_publishing(cmd: list[str], sweep: Path, publish_now: Callable[[], object
     """Run ``cmd`` (a table's sweep) and call ``publish_now`` whenever a run of ``sweep``
     finishes while it runs; returns its exit status."""
     proc = subprocess.Popen(cmd)
-    done = finished_runs(sweep)
-    while proc.poll() is None:
-        time.sleep(poll_s)
-        now = finished_runs(sweep)
-        if now - done:
-            publish_now()
-        done = now
+    try:
+        done = finished_runs(sweep)
+        while proc.poll() is None:
+            time.sleep(poll_s)
+            now = finished_runs(sweep)
+            if now - done:
+                publish_now()
+            done = now
+    finally:  # never leave the sweep training on its own (a rerun would race it)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
     return proc.returncode
 
 

@@ -56,6 +56,21 @@ def test_a_fixed_range_follows_the_batch_maxima_while_training() -> None:
     assert float(q.range) == pytest.approx(1.1)  # 0.9 * 1 + 0.1 * 2
     q.eval()(torch.full((8,), 5.0))
     assert float(q.range) == pytest.approx(1.1)  # evaluation leaves it alone
+    with torch.no_grad():  # nor does a no-grad pass in training mode (BatchNorm re-estimation)
+        q.train()(torch.full((8,), 5.0))
+    assert float(q.range) == pytest.approx(1.1)
+
+
+def test_a_learned_range_moves_its_step_as_lsq_moves_a_learned_step() -> None:
+    """LSQ's step gradient is dL/ds * g, g = 1/sqrt(N * top); the range r = s * top gets
+    dL/dr * g * top^2 = dL/ds * g * top, so an SGD step on r moves s = r / top by LSQ's amount."""
+    x = torch.rand(2, 4, 3, 3) * 2
+    q = settled(4, learn=True, value=1.0).train()
+    q(x).sum().backward()
+    s = torch.tensor(1.0 / 15, requires_grad=True)  # LSQ on the step itself, same forward
+    (torch.round((x / s).clamp(0, 15)) * s + ((x / s).clamp(0, 15) - (x / s).clamp(0, 15).detach()) * s).sum().backward()
+    g = 1 / (x[0].numel() * 15) ** 0.5
+    assert float(q.range.grad) / 15 == pytest.approx(float(s.grad) * g, rel=1e-4)
 
 
 def test_slots_are_identities_until_installed(block_names: set[str]) -> None:

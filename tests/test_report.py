@@ -231,7 +231,7 @@ def test_models_never_share_a_cell(tmp_path: Path) -> None:
 
 def test_settings_the_seed_lacks_never_share_its_cells(tmp_path: Path) -> None:
     """W4A4 and W4A2 runs, and a 90%-sparse one, next to a weight-only run: each setting its own
-    section without seed numbers; a recipe (clipping) is not a setting and stays in the seed's cell."""
+    section without seed numbers; a recipe (clipping) fills the seed's cell, in its own section."""
     def cfg(**quant: Any) -> dict[str, Any]:
         return {"budget_name": "full", "trainer": {"max_epochs": 2}, "quant": {"mode": "asym", **quant},
                 "prune": {"method": "none"}, "data": {"test_split": "all"}}
@@ -244,11 +244,12 @@ def test_settings_the_seed_lacks_never_share_its_cells(tmp_path: Path) -> None:
     put(root, "p90", metrics("global", "asym", 4, before=0.7, after=0.85, config=sparse))
     md = write_report([root], tmp_path / "out").read_text()
 
-    assert "| 4 | 0.9100 | 0.9140 | -0.40 | `w4` |" in md  # the seed's cell: weight-only, any recipe
+    assert "| 4 | 0.9100 | 0.9140 | -0.40 | `w4` |" in md  # the seed's cell, beside the seed's number
+    assert "## Budget `full`, recipe: mse clip\n" in md
     for variant, acc in (("activations 4-bit", "0.8900"), ("activations 2-bit", "0.3300")):
         section = md.split(f"## Budget `full`, {variant}")[1].split("\n## ")[0]
         assert f"| 4 | {acc} | — | — |" in section
     assert "## Budget `full`, sparsity 0.9" in md
     with open(tmp_path / "out" / "report.csv") as f:
         tables = {r["table"] for r in csv.DictReader(f)}
-    assert {"3.3", "3.3 (activations 4-bit)", "3.3 (activations 2-bit)", "3.4 (sparsity 0.9)"} <= tables
+    assert {"3.3 (recipe: mse clip)", "3.3 (activations 4-bit)", "3.3 (activations 2-bit)", "3.4 (sparsity 0.9)"} <= tables
