@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from compress.data import leading_images
 from compress.layers import network
 from compress.lsq import _GradScale, _RoundStraightThrough
 from compress.models.resnet import BasicBlock
@@ -153,13 +154,11 @@ class ActivationQuantCallback(pl.Callback):
         model.eval()
         for q in quantizers:
             q.observing = True
-        seen = 0
-        for images, _ in trainer.datamodule.train_dataloader():
-            model(images.to(pl_module.device))
-            seen += len(images)
-            if seen >= self.calibration:
-                break
-        if seen == 0:
+        batches = 0
+        for images in leading_images(trainer, self.calibration, pl_module.device):
+            model(images)
+            batches += 1
+        if batches == 0:
             raise ValueError("quant.abits: no training batch to calibrate the activation ranges on "
                              "(data.train_subset is smaller than one batch)")
         for q in quantizers:

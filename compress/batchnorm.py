@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from compress.data import leading_images
 from compress.layers import network
 
 
@@ -53,12 +54,8 @@ class BatchNormRecalibration(pl.Callback):
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches seen
         model.train()
-        seen = 0
-        for images, _ in trainer.datamodule.train_dataloader():
+        for images in leading_images(trainer, self.images, pl_module.device):
             model(images)
-            seen += len(images)
-            if seen >= self.images:
-                break
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
             m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))

@@ -176,6 +176,17 @@ class TensorBatches:
             yield normalize(x), self.labels[idx]
 
 
+def leading_images(trainer: pl.Trainer, n: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The images of the trainer's datamodule's first (augmented) training batches, on
+    ``device``, whole batches until at least ``n`` were yielded: what a calibration pass runs on."""
+    seen = 0
+    for images, _ in trainer.datamodule.train_dataloader():
+        if seen >= n:
+            return
+        yield images.to(device)
+        seen += len(images)
+
+
 def resolve_eval_batch(size: int | str, device: torch.device) -> int:
     """``eval_batch_size`` for data on ``device``: ``auto`` is 200 on a CPU (larger batches
     evaluate slower on 2 cores) and 2000 on a GPU (200 leaves it mostly idle)."""
