@@ -46,7 +46,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compress.checkpoint import apply_checkpoint, atomic_write, load_checkpoint
-from compress.config import config_hash
 from compress.data import load_split, normalize, resolve_eval_batch, split_mask
 from compress.layers import block_convs, prunable_layers
 from compress.models import ResNet
@@ -264,15 +263,13 @@ def table(rows: Sequence[Mapping[str, Any]], baseline: float) -> list[str]:
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     """The sweep ``cfg.sensitivity`` asks for, into ``out_dir``; its summary (None if skipped:
     ``sensitivity.json`` there holds the same config hash)."""
-    from compress.config import validate
     from compress.reproduce import git_commit
-    from compress.train import finished, hardware  # the app's helpers (the app imports this module)
+    from compress.train import hardware, start  # the app's helpers (the app imports this module)
 
     t0 = time.time()
-    validate(cfg)
-    digest, summary_path = config_hash(cfg), out_dir / "sensitivity.json"
-    if cfg.resume and finished(summary_path, digest):
-        log.info("already finished, skipping: %s", summary_path)
+    summary_path = out_dir / "sensitivity.json"
+    digest = start(cfg, summary_path)
+    if digest is None:
         return None
     model = instantiate(cfg.model.net)
     cells = cells_of(cfg.sensitivity, model)

@@ -60,14 +60,24 @@ def finished(path: Path, digest: str) -> bool:
         return False
 
 
+def start(cfg: DictConfig, result: Path) -> str | None:
+    """Validate ``cfg`` and return its hash; None (and a log line) if ``cfg.resume`` is set and
+    ``result`` is already this config's finished result, so the job has nothing to do."""
+    validate(cfg)
+    digest = config_hash(cfg)
+    if cfg.resume and finished(result, digest):
+        log.info("already finished, skipping: %s", result)
+        return None
+    return digest
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     """Run one configured job into ``out_dir``; returns its metrics (None if skipped, or on a
     DDP rank other than 0)."""
     t0 = time.time()
-    validate(cfg)
-    digest, metrics_path = config_hash(cfg), out_dir / "metrics.json"
-    if cfg.resume and finished(metrics_path, digest):
-        log.info("already finished, skipping: %s", metrics_path)
+    metrics_path = out_dir / "metrics.json"
+    digest = start(cfg, metrics_path)
+    if digest is None:
         return None
     if not cfg.resume:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
