@@ -125,10 +125,14 @@ def expected_runs(table: str, overrides: list[str]) -> list[str]:
     return names
 
 
-def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str]) -> int:
+def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str], previous: Path | None = None) -> int:
     """Copy the ``metrics.json`` and ``model.cpk`` (if any) and ``.hydra/`` of each run in
     ``sweep`` that this command launched (its overrides are ``launched`` plus swept keys only)
-    into ``dest``; returns how many finished runs were copied."""
+    into ``dest``; returns how many finished runs were copied.
+
+    A finished run already published in ``previous`` with the same ``metrics.json`` is copied
+    from there: a later launch that skipped it has rewritten its ``.hydra/`` in ``sweep`` (Hydra
+    writes it before the job sees it is done), and the published one is the config it ran with."""
     n = 0
     for hydra_dir in sorted(sweep.glob("*/.hydra")):
         overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
@@ -137,9 +141,17 @@ def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str]) -> in
             continue  # launched with other overrides: not part of this reproduction
         run = hydra_dir.parent
         finished = (run / "metrics.json").is_file()
+        kept = previous / run.name if previous else None
+        if finished and kept and (kept / ".hydra").is_dir() and same_bytes(kept / "metrics.json", run / "metrics.json"):
+            run = kept
         copy_run(run, dest / run.name, with_files=finished)
         n += finished
     return n
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether files ``a`` and ``b`` both exist with the same content."""
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
 
 
 def copy_run(run: Path, target: Path, with_files: bool = True) -> None:
@@ -191,15 +203,18 @@ def restore_stage(run: Path, cache: Path) -> bool:
 def publish(out: Path, tables: list[str], budget: str, overrides: list[str], notes: list[str]) -> Path:
     """Re-collect every table's runs into ``<out>/runs/`` and write the report, listing the
     runs not started yet."""
-    shutil.rmtree(out / "runs", ignore_errors=True)
+    runs, staging = out / "runs", out / ".runs.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     copied, pending = {}, []
     for t in tables:
-        dest = out / "runs" / t
-        copied[t] = collect(sweep_dir(t, budget, overrides), dest, table_overrides(t, budget, overrides), sweep_keys(t))
+        dest = staging / t
+        copied[t] = collect(sweep_dir(t, budget, overrides), dest, table_overrides(t, budget, overrides), sweep_keys(t), runs / t)
         pending += [f"{t}/{name}" for name in expected_runs(t, overrides) if not (dest / name / ".hydra").is_dir()]
     notes = [*notes, f"- Runs copied into `runs/`: {', '.join(f'{t} {n}' for t, n in copied.items())}."]
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    return write_report([out / "runs"], out, notes, pending)
+    shutil.rmtree(runs, ignore_errors=True)
+    staging.rename(runs)
+    return write_report([runs], out, notes, pending)
 
 
 def finished_runs(sweep: Path) -> set[str]:

@@ -183,6 +183,28 @@ def test_reproduce_collects_only_the_runs_its_command_launched(tmp_path: Path) -
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["nbits=2,quant=asym"]
 
 
+def test_reproduce_keeps_the_published_config_of_a_run_a_later_launch_skipped(tmp_path: Path) -> None:
+    """A relaunch rewrites a finished run's ``.hydra/`` in the sweep dir before the job skips it;
+    publishing again keeps the published ``.hydra/`` of that run, and takes the sweep's for a
+    run whose metrics changed."""
+    cmd = table_overrides("table3_2", "smoke", [])
+
+    def run(root: str, nbits: int, config: str, metrics: str) -> None:
+        d = tmp_path / root / f"nbits={nbits},quant=asym"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*cmd, "quant=asym", f"nbits={nbits}"]))
+        (d / ".hydra" / "config.yaml").write_text(config)
+        (d / "metrics.json").write_text(metrics)
+
+    run("published", 2, "as run", '{"test_acc": 0.9}')
+    run("sweep", 2, "rewritten by the relaunch", '{"test_acc": 0.9}')
+    run("published", 3, "as run", '{"test_acc": 0.9}')
+    run("sweep", 3, "rewritten by the relaunch", '{"test_acc": 0.5}')
+    assert collect(tmp_path / "sweep", tmp_path / "out", cmd, sweep_keys("table3_2"), tmp_path / "published") == 2
+    assert (tmp_path / "out" / "nbits=2,quant=asym" / ".hydra" / "config.yaml").read_text() == "as run"
+    assert (tmp_path / "out" / "nbits=3,quant=asym" / ".hydra" / "config.yaml").read_text() == "rewritten by the relaunch"
+
+
 def test_reproduce_reports_a_failed_table(tmp_path: Path) -> None:
     """Every job of the table fails (a data root without CIFAR-10): the reproduction still writes
     its report, marked incomplete and listing the failed runs, and exits 1. Runs in ``tmp_path``
