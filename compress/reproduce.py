@@ -42,6 +42,7 @@ import yaml
 
 from compress.checkpoint import save_checkpoint
 from compress.config import DEFAULT_MODEL, model_tag
+from compress.interrupt import Interrupted, stop_on_signals
 from compress.layers import prunable_layers
 from compress.report import write_report
 from compress.train import hardware
@@ -224,8 +225,13 @@ def finished_runs(sweep: Path) -> set[str]:
 
 def run_publishing(cmd: list[str], sweep: Path, publish_now: Callable[[], object], poll_s: float = 30.0) -> int:
     """Run ``cmd`` (a table's sweep) and call ``publish_now`` whenever a run of ``sweep``
-    finishes while it runs; returns its exit status."""
-    proc = subprocess.Popen(cmd)
+    finishes while it runs; returns its exit status. SIGINT/SIGTERM raise
+    :class:`~compress.interrupt.Interrupted` once the sweep has stopped (it keeps its last epoch)."""
+    with stop_on_signals():
+        return _watch(subprocess.Popen(cmd), sweep, publish_now, poll_s)
+
+
+def _watch(proc: subprocess.Popen, sweep: Path, publish_now: Callable[[], object], poll_s: float) -> int:
     try:
         done = finished_runs(sweep)
         while proc.poll() is None:
@@ -288,9 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     for table in [] if a.report_only else tables:
         cmd = [sys.executable, "-m", "compress.train", *table_overrides(table, a.budget, a.overrides)]
         print("+", shlex.join(cmd[1:]), flush=True)
-        # the report so far after every finished run, so a long reproduction is published run by run
-        if run_publishing(cmd, sweep_dir(table, a.budget, a.overrides),
-                          lambda: publish(out, reported, a.budget, a.overrides, notes(time.time() - t0, failed))) != 0:
+        try:  # the report so far after every finished run, so a long reproduction is published run by run
+            rc = run_publishing(cmd, sweep_dir(table, a.budget, a.overrides),
+                                lambda: publish(out, reported, a.budget, a.overrides, notes(time.time() - t0, failed)))
+        except Interrupted as e:
+            print(f"error: {e.message()}; finished runs are published in {out}", file=sys.stderr)
+            return e.exit_code
+        if rc != 0:
             failed.append(table)
     report = publish(out, reported, a.budget, a.overrides, notes(time.time() - t0, failed))
     print(f"report written to {report}")

@@ -4,10 +4,13 @@ refilled from it, runs not started listed; and ``compress.verify`` re-checking a
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +88,27 @@ def test_runs_finishing_during_a_sweep_are_published_as_they_finish(tmp_path: Pa
     rc = run_publishing([sys.executable, "-c", script], sweep, lambda: seen.append(finished_runs(sweep)), poll_s=0.05)
     assert rc == 0
     assert seen[0] == {"run1"} and seen[-1] == {"run1", "run2"}
+
+
+def test_a_terminated_reproduction_stops_its_sweep(tmp_path: Path) -> None:
+    """SIGTERM to the reproduction (a closed session) stops the sweep it runs too, instead of
+    leaving it training on its own, and exits 143."""
+    pid_file = tmp_path / "sweep.pid"
+    sweep = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    parent = (f"import sys; from pathlib import Path\nfrom compress.interrupt import Interrupted\n"
+              f"from compress.reproduce import run_publishing\n"
+              f"try:\n    run_publishing([sys.executable, '-c', {sweep!r}], Path({str(tmp_path)!r}), print, poll_s=0.05)\n"
+              f"except Interrupted as e:\n    sys.exit(e.exit_code)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.time() + 60
+    while not pid_file.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
 
 
 def test_a_published_pruning_run_refills_the_stage_cache(tmp_path: Path) -> None:
