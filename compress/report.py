@@ -442,10 +442,15 @@ def heading(section: Section) -> str:
     return section.label[0].upper() + section.label[1:]
 
 
-def shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, else absolute."""
+def shown(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` (where the report is written) when it lies below it, else
+    to the working directory when below that, else absolute: a published report names no
+    machine's paths."""
     path = Path(path).resolve()
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+    for root in (Path(base).resolve(), Path.cwd()):
+        if path.is_relative_to(root):
+            return str(path.relative_to(root))
+    return str(path)
 
 
 def size_text(value: object) -> str:
@@ -475,8 +480,8 @@ def write_report(dirs: list[Path], out: Path, notes: list[str] = (), pending: li
         h = m.get("hardware") or {}
         hardware[", ".join(f"{k} {v}" for k, v in h.items()) or "unknown"] += 1
     md = ["# Compression report: ours vs the seed report", "", *notes,
-          f"- Run dirs found under: {', '.join(f'`{shown(d)}`' for d in map(Path, dirs))}; "
-          f"paths below are relative to `{shown(common)}`.",
+          f"- Run dirs found under: {', '.join(f'`{shown(d, out)}`' for d in map(Path, dirs))}; "
+          f"paths below are relative to `{shown(common, out)}`.",
           f"- Runs: {len(runs)} complete, {len(missing)} missing or incomplete."]
     for sec in sections:
         epochs = sorted({dig(m, ("config", "trainer", "max_epochs")) for _, m, j in runs if j.section == sec} - {None})

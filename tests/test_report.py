@@ -149,7 +149,9 @@ def test_without_matplotlib(sweep: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_callback(sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep / "full")}}}))
-    assert "| 4 | 0.9000 | 0.8973 | +0.27 |" in (sweep / "full" / "report.md").read_text()
+    md = (sweep / "full" / "report.md").read_text()
+    assert "| 4 | 0.9000 | 0.8973 | +0.27 |" in md
+    assert "- Run dirs found under: `.`; paths below are relative to `.`." in md  # no machine's paths
     with caplog.at_level(logging.WARNING):
         ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "nowhere")}}}))
     assert "could not write the report" in caplog.text
