@@ -40,7 +40,7 @@ from compress.checkpoint import atomic_write
 from compress.data import default_root, load_split, normalize, split_mask
 from compress.export import load
 from compress.progress import duration
-from compress.report import SEED, find_runs, slots
+from compress.cells import SEED, find_runs, slots
 
 log = logging.getLogger(__name__)
 

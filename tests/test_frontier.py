@@ -13,7 +13,7 @@ import yaml
 import compress.sensitivity  # noqa: F401 - registers the sensitive_widths resolver
 from compress.config import validate
 from compress.frontier import SEED_CELLS, SeedPoint, Trial, dominance_table, dominates, pareto, published_runs, seed_points, trials
-from compress.report import SEED
+from compress.cells import SEED
 
 from conftest import REPO, app_command
 
