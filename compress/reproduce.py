@@ -91,6 +91,12 @@ def git_commit(out: Path) -> str:
         return "unknown"
 
 
+def task_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that configure the job, not Hydra (``hydra/launcher=joblib``,
+    ``hydra.launcher.n_jobs=2``): only these show in a run's dir name and ``overrides.yaml``."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
 def table_overrides(table: str, budget: str, overrides: list[str]) -> list[str]:
     """The app's overrides that run ``table`` at ``budget``."""
     return [f"experiment={table}", f"budget={budget}", *overrides]
@@ -118,7 +124,7 @@ def sweep_keys(table: str) -> set[str]:
 def expected_runs(table: str, overrides: list[str]) -> list[str]:
     """The run dir names (Hydra's ``override_dirname``) of every job of ``table``'s sweep."""
     excluded = set(yaml.safe_load((CONF / "config.yaml").read_text())["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"])
-    extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    extra = [o for o in task_overrides(overrides) if o.split("=", 1)[0].lstrip("+~") not in excluded]
     params = sweep_params(table)
     names = []
     for values in itertools.product(*(v.split(",") for v in params.values())):
@@ -210,7 +216,8 @@ def publish(out: Path, tables: list[str], budget: str, overrides: list[str], not
     copied, pending = {}, []
     for t in tables:
         dest = staging / t
-        copied[t] = collect(sweep_dir(t, budget, overrides), dest, table_overrides(t, budget, overrides), sweep_keys(t), runs / t)
+        launched = table_overrides(t, budget, task_overrides(overrides))
+        copied[t] = collect(sweep_dir(t, budget, overrides), dest, launched, sweep_keys(t), runs / t)
         pending += [f"{t}/{name}" for name in expected_runs(t, overrides) if not (dest / name / ".hydra").is_dir()]
     notes = [*notes, f"- Runs copied into `runs/`: {', '.join(f'{t} {n}' for t, n in copied.items())}."]
     shutil.rmtree(runs, ignore_errors=True)

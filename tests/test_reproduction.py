@@ -37,6 +37,8 @@ def test_expected_runs_are_hydras_dir_names() -> None:
     assert expected_runs("table3_1", ["trainer=gpu", "progress=none"])[0] == "prune=none,trainer=gpu"
     assert len(expected_runs("table3_2_strong", [])) == 10  # inherited from table3_2
     assert expected_runs("table3_4_best", []) == expected_runs("table3_4", [])
+    # launcher settings configure Hydra, not the job: same run dirs
+    assert expected_runs("table3_4", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == expected_runs("table3_4", [])
 
 
 def fake_run(root: Path, name: str, overrides: list[str], files: dict[str, str]) -> Path:
