@@ -16,6 +16,10 @@ and checks it against the run's ``metrics.json``:
   (``choices.granularity``; runs without it are per tensor), ``nbits`` being the layer's own
   (``layer_nbits`` in ``metrics.json``; runs without it: ``choices.nbits``).
 
+With ``--report-half`` each line also gives the accuracy on the seeded *report* half of the test
+set (``data.test_split=report``), which no search in this project selects on: the number to
+read for a recipe chosen on the other half (``recipe=best``, chosen by ``experiment=ablation``).
+
 One line per run, then a summary; exit 1 if any run fails a check, 2 on bad input.
 """
 
@@ -78,8 +82,9 @@ def layer_stats(model: nn.Module) -> tuple[dict[str, float], dict[str, int], dic
     return zeros, distinct, per_channel, total
 
 
-def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[bool, str]:
-    """Re-check one run; returns (passed, a one-line summary with what failed)."""
+def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_half: bool = False) -> tuple[bool, str]:
+    """Re-check one run; returns (passed, a one-line summary with what failed), the summary with
+    the accuracy on the report half of the test set if ``report_half``."""
     m: dict[str, Any] = json.loads((run / "metrics.json").read_text())
     if not (run / "model.cpk").is_file():
         return False, "no model.cpk"
@@ -126,7 +131,10 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[
             problems.append("distinct values per channel differ from metrics.json")
         worst = max((bounded[n] for n in recorded_q), default=0)
         mixed = len(set(widths.values())) > 1
-    line = (f"acc {acc:.4f} (metrics {m['test_acc']:.4f})  sparsity {overall:.3f}"
+    half = split_mask(len(y), "report")
+    line = (f"acc {acc:.4f} (metrics {m['test_acc']:.4f})"
+            + (f"  report half {accuracy(model, x[half], y[half]):.4f}" if report_half else "")
+            + f"  sparsity {overall:.3f}"
             + (f"  max distinct {worst}/{2**nbits}{' per channel' if channel else ''}" if worst is not None and not mixed else "")
             + (f"  distinct <= 2^nbits of each layer ({min(widths.values())}..{max(widths.values())} bits)"
                if worst is not None and mixed else ""))
@@ -149,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(os.environ.get("COMPRESS_DATA", "data/cifar10")),
                    help="torchvision CIFAR-10 root (default: $COMPRESS_DATA)")
     p.add_argument("--tol", type=float, default=0.001, help="allowed |accuracy - metrics.json test_acc|")
+    p.add_argument("--report-half", action="store_true",
+                   help="also print each model's accuracy on the seeded report half of the test set")
     a = p.parse_args(argv)
     try:
         runs = find_runs(a.paths)
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     common = Path(os.path.commonpath([r.resolve() for r in runs])) if len(runs) > 1 else runs[0].resolve().parent
     for run in runs:
         try:
-            ok, line = check_run(run, x, y, a.tol)
+            ok, line = check_run(run, x, y, a.tol, a.report_half)
         except (OSError, ValueError, KeyError, TypeError) as e:
             ok, line = False, f"FAIL: {type(e).__name__}: {e}"
         failed += not ok

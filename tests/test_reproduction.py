@@ -20,7 +20,8 @@ import yaml
 from torch import nn
 
 from compress.checkpoint import Checkpoint, load_checkpoint
-from compress.export import save
+from compress.data import TEST_SPLIT_SEED
+from compress.export import load, save
 from compress.layers import bake
 from compress.models import resnet20
 from compress.prune import PruningCallback, current_masks
@@ -205,6 +206,21 @@ def test_verify_passes_a_truthful_run_and_fails_a_tampered_one(verified_run: Pat
     bad = verify(str(verified_run), "--data", str(tiny_cifar))
     assert bad.returncode == 1
     assert "FAIL" in bad.stdout and "test acc" in bad.stdout and "distinct values differ" in bad.stdout
+
+
+def test_verify_report_half_is_the_accuracy_on_the_images_no_search_saw(verified_run: Path, tiny_cifar: Path) -> None:
+    proc = verify(str(verified_run), "--data", str(tiny_cifar), "--report-half")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = float(re.search(r"  report half (\d\.\d{4})  ", proc.stdout).group(1))
+    with open(tiny_cifar / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        b = pickle.load(f)
+    unseen = torch.randperm(200, generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))[100:]  # not the search half
+    x = torch.tensor(b["data"]).view(-1, 3, 32, 32).float()[unseen] / 255
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = float((load(verified_run / "model.cpk").eval()(x).argmax(1) == torch.tensor(b["labels"])[unseen]).float().mean())
+    assert shown == pytest.approx(expected, abs=5e-5)
+    assert "report half" not in verify(str(verified_run), "--data", str(tiny_cifar)).stdout
 
 
 def test_verify_checks_per_channel_runs_per_channel(tmp_path: Path, tiny_cifar: Path) -> None:
