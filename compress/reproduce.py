@@ -4,7 +4,7 @@
     python -m compress.reproduce --budget full --out multirun/published/full   # hours: resumable
     python -m compress.reproduce --budget full -- trainer=gpu compile=true
     python -m compress.reproduce --tables table3_2_bnrecal --out multirun/published/bnrecal   # a stronger recipe
-    python -m compress.reproduce --budget full --tables table3_1_best,table3_4_best,table3_3_best --out multirun/published/best-full
+    python -m compress.reproduce --budget full --tables table3_1_best,table3_4_best,table3_3_best,table3_4_best_90 --out multirun/published/best-full
     python -m compress.reproduce --budget full --out multirun/published/full --report-only   # publish what is done
 
 Runs ``experiment=table3_1`` .. ``table3_4`` (3.1 first: its global-pruning stage is reused
@@ -51,7 +51,7 @@ CONF = resources.files("compress.conf")  # conf/ of the checkout, shipped in the
 TABLES = ("table3_1", "table3_2", "table3_3", "table3_4")
 # Stronger recipes, run only when named in --tables (each beside the seed-faithful table it extends).
 RECIPES = ("table3_2_bnrecal", "table3_2_strong", "table3_3_strong", "table3_4_strong",
-           "table3_1_best", "table3_3_best", "table3_4_best")
+           "table3_1_best", "table3_3_best", "table3_4_best", "table3_4_best_90")
 CHOICES = TABLES + RECIPES
 RUN_FILES = ("metrics.json", "model.cpk")  # what a published run keeps besides its .hydra/ config
 

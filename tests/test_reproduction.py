@@ -38,6 +38,7 @@ def test_expected_runs_are_hydras_dir_names() -> None:
     assert expected_runs("table3_1", ["trainer=gpu", "progress=none"])[0] == "prune=none,trainer=gpu"
     assert len(expected_runs("table3_2_strong", [])) == 10  # inherited from table3_2
     assert expected_runs("table3_4_best", []) == expected_runs("table3_4", [])
+    assert expected_runs("table3_4_best_90", []) == ["nbits=2,prune.sparsity=0.9,prune=global,quant=asym"]
     # launcher settings configure Hydra, not the job: same run dirs
     assert expected_runs("table3_4", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == expected_runs("table3_4", [])
 
@@ -206,6 +207,24 @@ def test_verify_passes_a_truthful_run_and_fails_a_tampered_one(verified_run: Pat
     bad = verify(str(verified_run), "--data", str(tiny_cifar))
     assert bad.returncode == 1
     assert "FAIL" in bad.stdout and "test acc" in bad.stdout and "distinct values differ" in bad.stdout
+
+
+def test_verify_does_not_compare_the_accuracy_of_a_run_tested_on_fewer_batches(verified_run: Path, tiny_cifar: Path) -> None:
+    """budget=debug tests on 2 batches: its accuracy is printed, not held against all the images;
+    the sparsity and distinct-value checks still apply."""
+    m = json.loads((verified_run / "metrics.json").read_text())
+    m["test_acc"] += 0.1
+    for limit, compared in ((2, False), (1, False), (0.5, False), (1.0, True)):
+        m["config"]["trainer"] = {"limit_test_batches": limit}
+        (verified_run / "metrics.json").write_text(json.dumps(m))
+        proc = verify(str(verified_run), "--data", str(tiny_cifar))
+        assert proc.returncode == (1 if compared else 0), (limit, proc.stdout)
+        assert (f"on trainer.limit_test_batches={limit}: not compared" in proc.stdout) != compared
+    m["config"]["trainer"] = {"limit_test_batches": 2}
+    m["distinct_values"]["layer1.0.conv1"] = 5
+    (verified_run / "metrics.json").write_text(json.dumps(m))
+    proc = verify(str(verified_run), "--data", str(tiny_cifar))
+    assert proc.returncode == 1 and "distinct values differ" in proc.stdout and "test acc" not in proc.stdout.split("FAIL: ")[1]
 
 
 def test_verify_report_half_is_the_accuracy_on_the_images_no_search_saw(verified_run: Path, tiny_cifar: Path) -> None:
