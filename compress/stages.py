@@ -108,10 +108,13 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out
 
 
 def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataModule) -> dict[str, float]:
-    """Test-set accuracy and loss."""
+    """Test-set accuracy and loss, and ``images``: how many test images they are over, the first
+    ones of the test split (all of them unless ``trainer.limit_test_batches`` cut the pass short)."""
     (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    loader = trainer.test_dataloaders  # each rank tests every world_size-th image of the first batches*bs*world
+    images = min(len(loader.labels), int(trainer.num_test_batches[0]) * loader.batch_size * trainer.world_size)
     # Logged as float32 means; 6 decimals keep the exact count-based accuracy of 10k images.
-    return {"acc": round(res["test/acc"], 6), "loss": round(res["test/loss"], 6)}
+    return {"acc": round(res["test/acc"], 6), "loss": round(res["test/loss"], 6), "images": images}
 
 
 def run_stage(

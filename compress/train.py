@@ -119,6 +119,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         "after_ft": final.after,
         "test_acc": (final.after or final.before)["acc"],
         "test_loss": (final.after or final.before)["loss"],
+        "test_images": (final.after or final.before).get("images"),  # None: a cached stage from before the field
         "sparsity": sparsity(model),
         "layer_sparsity": targets,  # target per layer (null: under the global threshold)
         "layer_nbits": widths,

@@ -92,10 +92,17 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_ha
     model = load(run / "model.cpk")
     problems = []
     split = split_mask(len(y), ((m.get("config") or {}).get("data") or {}).get("test_split", "all"))
-    acc = accuracy(model, x[split], y[split])
-    subset = tested_on_subset(m)
-    if not subset and abs(acc - m["test_acc"]) > tol:
+    xs, ys = x[split], y[split]
+    tested = tested_images(m, len(ys))
+    if tested is not None and not 0 < tested <= len(ys):
+        problems.append(f"test_images {m['test_images']!r} is not a count of 1..{len(ys)} test images")
+        tested = len(ys)
+    acc = accuracy(model, xs[:tested], ys[:tested])
+    if tested is not None and abs(acc - m["test_acc"]) > tol:
         problems.append(f"test acc {acc:.4f} != metrics {m['test_acc']:.4f}")
+    limit = ((m.get("config") or {}).get("trainer") or {}).get("limit_test_batches")
+    on = (f" on trainer.limit_test_batches={limit}: not compared" if tested is None
+          else f" on the first {tested} of {len(ys)} test images" if tested < len(ys) else "")
     zeros, distinct, per_channel, total = layer_stats(model)
     recorded = (m.get("sparsity") or {}).get("layers") or {}
     if recorded and any(abs(zeros[n] - s) > 1e-9 for n, s in recorded.items()):
@@ -134,7 +141,7 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_ha
         worst = max((bounded[n] for n in recorded_q), default=0)
         mixed = len(set(widths.values())) > 1
     half = split_mask(len(y), "report")
-    line = (f"acc {acc:.4f} (metrics {m['test_acc']:.4f}" + (f" on {subset}: not compared" if subset else "") + ")"
+    line = (f"acc {acc:.4f} (metrics {m['test_acc']:.4f}{on})"
             + (f"  report half {accuracy(model, x[half], y[half]):.4f}" if report_half else "")
             + f"  sparsity {overall:.3f}"
             + (f"  max distinct {worst}/{2**nbits}{' per channel' if channel else ''}" if worst is not None and not mixed else "")
@@ -143,12 +150,16 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_ha
     return not problems, line + ("  FAIL: " + "; ".join(problems) if problems else "")
 
 
-def tested_on_subset(metrics: dict[str, Any]) -> str:
-    """How the run limited its test pass (``trainer.limit_test_batches``, e.g. ``budget=debug``),
-    or "" if it tested on all its test images: only then is its accuracy comparable."""
+def tested_images(metrics: dict[str, Any], n: int) -> int | None:
+    """How many of the ``n`` images of its test split (the first ones) a run's accuracy is over:
+    its recorded ``test_images`` (-1 if that is not an int); for a run from before that field,
+    ``n`` if it tested on every batch, None if ``trainer.limit_test_batches`` limited the pass
+    (e.g. ``budget=debug``: then which images it tested is unknown and its accuracy not comparable)."""
+    recorded = metrics.get("test_images")
+    if recorded is not None:
+        return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else -1
     limit = ((metrics.get("config") or {}).get("trainer") or {}).get("limit_test_batches")
-    every = limit is None or (isinstance(limit, float) and limit == 1.0)  # an int 1 is one batch
-    return "" if every else f"trainer.limit_test_batches={limit}"
+    return n if limit is None or (isinstance(limit, float) and limit == 1.0) else None  # an int 1 is one batch
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

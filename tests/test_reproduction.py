@@ -227,6 +227,23 @@ def test_verify_does_not_compare_the_accuracy_of_a_run_tested_on_fewer_batches(v
     assert proc.returncode == 1 and "distinct values differ" in proc.stdout and "test acc" not in proc.stdout.split("FAIL: ")[1]
 
 
+def test_verify_compares_a_debug_run_on_the_test_images_it_tested(run_app, data_root: Path, pretrained: Path) -> None:
+    """budget=debug tests 2 batches: metrics.json records how many images (the first 2 x 100 here)
+    and verify compares the accuracy on exactly those, so a tampered accuracy still fails."""
+    proc = run_app("quant=asym", "nbits=3", "budget=debug", "trainer.max_epochs=0", "data.eval_batch_size=100",
+                   env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((proc.run_dir / "metrics.json").read_text())
+    assert m["test_images"] == 200
+    ok = verify(str(proc.run_dir), "--data", str(data_root))
+    assert ok.returncode == 0 and "on the first 200 of 10000 test images)" in ok.stdout, ok.stdout + ok.stderr
+    for bad_metrics, why in (({"test_acc": m["test_acc"] + 0.01}, "test acc"),
+                             ({"test_images": 10001}, "test_images 10001 is not a count of 1..10000")):
+        (proc.run_dir / "metrics.json").write_text(json.dumps(m | bad_metrics))
+        bad = verify(str(proc.run_dir), "--data", str(data_root))
+        assert bad.returncode == 1 and why in bad.stdout.split("FAIL: ")[1], bad.stdout
+
+
 def test_verify_report_half_is_the_accuracy_on_the_images_no_search_saw(verified_run: Path, tiny_cifar: Path) -> None:
     proc = verify(str(verified_run), "--data", str(tiny_cifar), "--report-half")
     assert proc.returncode == 0, proc.stdout + proc.stderr
