@@ -43,7 +43,7 @@ from torch import nn
 
 from compress.data import CIFAR10Data, TensorBatches, check_root, load_split, resolve_eval_batch
 from compress.distill import Teacher
-from compress.models import resnet20
+from compress.models import build, resnet20
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback
 from compress.quant import QuantizationCallback
@@ -170,12 +170,13 @@ def compression() -> list[pl.Callback]:
 
 
 def train_lightning(args: argparse.Namespace, splits: dict, compressed: bool, bf16: bool = False,
-                    distill: bool = False) -> float:
-    """(b)-(f) Seconds for the timed steps of ``Classifier`` fitted by a Trainer."""
+                    teacher_arch: str | None = None) -> float:
+    """(b)-(g) Seconds for the timed steps of ``Classifier`` fitted by a Trainer (distilling
+    from a ``teacher_arch`` network if given)."""
     total = args.warmup + args.steps
     timer = Timer(args.device, first=args.warmup, last=total - 1)
     callbacks = [*(compression() if compressed else []), *([CompileNetwork()] if args.compile else []), timer]
-    teacher = Teacher(resnet20(), 0.9, 4.0) if distill else None
+    teacher = Teacher(build(teacher_arch), 0.9, 4.0) if teacher_arch else None
     module = Classifier(resnet20(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, teacher=teacher)
     fit = trainer(args, callbacks, bf16, max_epochs=1, limit_train_batches=total, limit_val_batches=0)
     fit.fit(module, datamodule=datamodule(splits, args.device))
@@ -228,7 +229,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the network in every training variant")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--real", action="store_true", help="real CIFAR-10 from $COMPRESS_DATA")
-    parser.add_argument("--distill", action="store_true", help="also (f): (e) + distill=kd, the teacher's extra forward")
+    parser.add_argument("--distill", action="store_true", help="also (f): (e) + distill=kd, the teacher's extra forward, "
+                        "and (g): (f) with distill.teacher=resnet56")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -249,7 +251,8 @@ def main() -> None:
         train["(e) (c) in bf16 autocast"] = lambda: train_lightning(args, splits, compressed=True, bf16=True)
     if args.distill:
         bf16 = args.device == "cpu"
-        train["(f) (e) + distill=kd"] = lambda: train_lightning(args, splits, compressed=True, bf16=bf16, distill=True)
+        train["(f) (e) + distill=kd"] = lambda: train_lightning(args, splits, True, bf16, "resnet20")
+        train["(g) (f), ResNet-56 teacher"] = lambda: train_lightning(args, splits, True, bf16, "resnet56")
     plain_model, q_model = resnet20().to(args.device), resnet20().to(args.device)
     evals = {
         "plain torch.inference_mode": lambda: eval_plain(args, splits, plain_model),
@@ -293,8 +296,11 @@ def main() -> None:
     if args.distill:
         base = train_ips["(e) (c) in bf16 autocast" if args.device == "cpu" else "(c) compress + prune 80% + asym q4"]
         f = train_ips["(f) (e) + distill=kd"]
+        g = train_ips["(g) (f), ResNet-56 teacher"]
         print(f"  {'(f)/(e) train, distillation cost':<34}{statistics.median(y / x for x, y in zip(base, f)):9.3f}"
               "  (the teacher's forward per step)")
+        print(f"  {'(g)/(e) train, ResNet-56 teacher':<34}{statistics.median(y / x for x, y in zip(base, g)):9.3f}"
+              "  (its deeper forward per step)")
     print(check("eval, compress trainer.test", eval_compress, TARGETS["eval"], " img/s"))
     print(check("peak RSS", rss_gib, TARGETS["rss_gib"], " GiB", higher=False))
 

@@ -21,9 +21,10 @@ import yaml
 
 from compress.checkpoint import atomic_write
 
-RECIPES = ("strong", "channel", "lsq", "kd", "all", "best")
+RECIPES = ("strong", "channel", "lsq", "kd", "kd_resnet56", "all", "best")
 WHAT = {"strong": "strong recipe: mse clipping + BatchNorm re-estimation", "channel": "+ per-channel ranges",
         "lsq": "+ learned ranges (LSQ)", "kd": "+ distillation from the FP model",
+        "kd_resnet56": "+ distillation from the FP ResNet-56",
         "all": "+ per-channel + LSQ + distillation", "best": "recipe=best"}
 BASE = "strong"
 

@@ -100,7 +100,9 @@ def recipe_of(config: dict | None) -> str:
         parts += [f"BN re-estimation {quant['bn_recalibration']}"] if quant.get("bn_recalibration") else []
         parts += ["per-channel"] if quant.get("granularity", "tensor") != "tensor" else []
         parts += ["LSQ"] if quant.get("learn_range") else []
-    parts += [f"distill {distill['kind']}"] if distill.get("kind", "none") != "none" else []
+    if distill.get("kind", "none") != "none":
+        teacher = distill.get("teacher")
+        parts += [f"distill {distill['kind']}" + (f" from {Path(teacher).name}" if teacher else "")]
     return f"recipe: {' + '.join(parts)}" if parts else ""
 
 

@@ -38,61 +38,64 @@ def is_url(source: str) -> bool:
     return source.startswith("https://")
 
 
-def source_id(source: str) -> str:
-    """Identity of a weights source for cache keys: the URL, or the sha256 of a local file."""
+def source_id(source: str, key: str = "model.pretrained") -> str:
+    """Identity of a weights source for cache keys: the URL, or the sha256 of a local file
+    (errors name the config ``key`` that gave it)."""
     if is_url(source):
         return source
-    return "sha256:" + hashlib.sha256(_local(source).read_bytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(_local(source, key).read_bytes()).hexdigest()
 
 
-def _local(source: str) -> Path:
+def _local(source: str, key: str) -> Path:
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained={source!r}: no such file (give a checkpoint path or an https URL)")
+        raise FileNotFoundError(f"{key}={source!r}: no such file (give a checkpoint path or an https URL)")
     return path
 
 
-def _read(source: str) -> Any:
+def _read(source: str, key: str) -> Any:
     if is_url(source):
         try:
             return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True, weights_only=True)
         except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a hash mismatch
             raise ValueError(
-                f"model.pretrained={source!r} could not be downloaded and verified ({type(e).__name__}: {e}); "
-                "offline, point model.pretrained at a local copy, or COMPRESS_WEIGHTS at a directory holding the "
+                f"{key}={source!r} could not be downloaded and verified ({type(e).__name__}: {e}); "
+                f"offline, point {key} at a local copy, or COMPRESS_WEIGHTS at a directory holding the "
                 "published files (ResNet-20: also COMPRESS_PRETRAINED at its file)"
             ) from None
-    path = _local(source)
+    path = _local(source, key)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file; its messages run over many lines
         raise ValueError(
-            f"model.pretrained={source!r} is not a checkpoint this tool can read ({type(e).__name__}): give a "
+            f"{key}={source!r} is not a checkpoint this tool can read ({type(e).__name__}): give a "
             "state_dict saved with torch.save, a model.pt of an earlier run, or a published .th file"
         ) from None
 
 
-def load_checkpoint(source: str) -> Checkpoint:
-    """Read a checkpoint from a local path or URL, in either supported format."""
-    obj = _read(source)
+def load_checkpoint(source: str, key: str = "model.pretrained") -> Checkpoint:
+    """Read a checkpoint from a local path or URL, in either supported format (errors name the
+    config ``key`` that gave ``source``)."""
+    obj = _read(source, key)
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
-        raise ValueError(f"model.pretrained={source!r} holds no 'state_dict': not a model checkpoint")
+        raise ValueError(f"{key}={source!r} holds no 'state_dict': not a model checkpoint")
     sd = {k.removeprefix("module."): v for k, v in obj["state_dict"].items()}
     if obj.get("format") == FORMAT and obj.get("version") != VERSION:
-        raise ValueError(f"model.pretrained={source!r} is format version {obj.get('version')}, this code reads {VERSION}")
+        raise ValueError(f"{key}={source!r} is format version {obj.get('version')}, this code reads {VERSION}")
     return Checkpoint(sd, dict(obj.get("masks", {})), dict(obj.get("meta", {})))
 
 
-def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str) -> None:
-    """Load ``ckpt`` into ``model`` strictly, with an error naming what does not match."""
+def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str, key: str = "model.pretrained") -> None:
+    """Load ``ckpt`` into ``model`` strictly, with an error naming what does not match (and the
+    config ``key`` that gave ``source``)."""
     own, want, found = model.state_dict(), getattr(model, "arch", type(model).__name__), arch_of(ckpt.state_dict)
     if found and found != want:
-        raise ValueError(f"model.pretrained={source!r} holds {found} weights, not {want}'s: "
+        raise ValueError(f"{key}={source!r} holds {found} weights, not {want}'s: "
                          f"give the weights of {want} (or choose model={found})")
     # shapes first: load_state_dict raises a bare RuntimeError on them even with strict=False
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt.state_dict.items()
               if k in own and own[k].shape != v.shape]
-    what = f"model.pretrained={source!r} does not match {want}"
+    what = f"{key}={source!r} does not match {want}"
     if shapes:
         raise ValueError(f"{what}: wrong shape {shapes[:3]}")
     result = model.load_state_dict(ckpt.state_dict, strict=False)

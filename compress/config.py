@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from compress.actquant import check_abits
 from compress.checkpoint import source_id
 from compress.data import check_test_split, resolve_eval_batch
-from compress.distill import check_distill
+from compress.distill import check_distill, teacher_id
 from compress.export import FP_DTYPES
 from compress.loggers import check_loggers
 from compress.layers import block_convs, prunable_layers
@@ -110,6 +110,7 @@ NEUTRAL: dict[str, object] = {
     "trainer.limit_val_batches": 1.0,
     "trainer.limit_test_batches": 1.0,
     "model.name": DEFAULT_MODEL,
+    "distill.teacher": None,  # before "distill": a none with a null teacher is still neutral
     "distill": {"kind": "none"},
     "quant.granularity": "tensor",
     "quant.learn_range": False,
@@ -141,6 +142,8 @@ def config_hash(cfg: DictConfig) -> str:
     without the data root: two runs with the same hash compute the same thing."""
     c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_HASHED}
     c["model"]["pretrained"] = source_id(cfg.model.pretrained)
+    if (c.get("distill") or {}).get("teacher") is not None:
+        c["distill"]["teacher"] = teacher_id(cfg.distill)
     c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     drop_neutral(c)
     return digest(c)

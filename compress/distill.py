@@ -6,16 +6,26 @@ teacher, full precision, eval mode) sees the same batch, and the loss becomes
 temperature ``T`` (Hinton et al. 2015; ``T^2`` keeps the gradient scale independent of ``T``).
 The teacher is not a submodule of the LightningModule: it is not trained, not saved in
 checkpoints and not switched to training mode. It costs one extra forward pass per step.
+
+``distill.teacher`` picks another teacher: null (default) is the pretrained model being
+compressed; a model name (``resnet56``, ...) is that model's published weights (found as
+``model=<name>`` finds them); anything else is a checkpoint path or https URL (a published
+``.th`` file or an earlier run's ``model.pt``), its ResNet depth read from its weights.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+
+from compress.checkpoint import apply_checkpoint, is_url, load_checkpoint, source_id
+from compress.models.resnet import arch_of, build
+from compress.models.weights import PUBLISHED, published_weights
 
 KINDS = ("none", "kd")
 
@@ -30,6 +40,27 @@ def check_distill(cfg: DictConfig) -> None:
         raise ValueError(f"distill.alpha={cfg.alpha!r} is not allowed: use a number in [0, 1]")
     if isinstance(cfg.temperature, bool) or not isinstance(cfg.temperature, (int, float)) or cfg.temperature <= 0:
         raise ValueError(f"distill.temperature={cfg.temperature!r} is not allowed: use a number > 0")
+    teacher = cfg.get("teacher")
+    if teacher is not None and (not isinstance(teacher, str) or not teacher):
+        raise ValueError(f"distill.teacher={teacher!r} is not allowed: use null (the pretrained model), "
+                         f"a model name ({', '.join(PUBLISHED)}) or a checkpoint path or https URL")
+
+
+def teacher_source(teacher: str) -> str:
+    """Where ``distill.teacher``'s weights come from: a model name's published weights, else
+    itself; ``FileNotFoundError`` naming what is allowed if it is neither a name, a URL nor a file."""
+    if teacher in PUBLISHED:
+        return published_weights(teacher)
+    if not is_url(teacher) and not Path(teacher).expanduser().is_file():
+        raise FileNotFoundError(f"distill.teacher={teacher!r} is not allowed: give a model name "
+                                f"({', '.join(PUBLISHED)}), a checkpoint file that exists or an https URL")
+    return teacher
+
+
+def teacher_id(cfg: DictConfig) -> str | None:
+    """Identity of ``distill.teacher``'s weights for hashes (the URL or the file's sha256), or None."""
+    teacher = cfg.get("teacher") if cfg.kind != "none" else None
+    return None if teacher is None else source_id(teacher_source(teacher), "distill.teacher")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -55,8 +86,29 @@ class Teacher:
         return (1 - self.alpha) * ce + self.alpha * kd_loss(logits, target, self.temperature)
 
 
+def load_teacher(teacher: str, num_classes: int) -> nn.Module:
+    """The network ``distill.teacher`` names, with its weights; ``ValueError`` if it is not a
+    ResNet of this tool's family or predicts another number of classes than the student."""
+    source = teacher_source(teacher)
+    ckpt = load_checkpoint(source, "distill.teacher")
+    arch = arch_of(ckpt.state_dict)
+    if arch is None:
+        raise ValueError(f"distill.teacher={teacher!r} holds no CIFAR ResNet weights this tool can build: "
+                         f"give {', '.join(PUBLISHED)} or a checkpoint of one")
+    classes = ckpt.state_dict["linear.weight"].shape[0]
+    if classes != num_classes:
+        raise ValueError(f"distill.teacher={teacher!r} predicts {classes} classes, the student {num_classes}: "
+                         "give a teacher trained on the same classes")
+    model = build(arch, classes)
+    apply_checkpoint(model, ckpt, source, "distill.teacher")
+    return model
+
+
 def make_teacher(cfg: DictConfig, pretrained: nn.Module) -> Teacher | None:
-    """The teacher ``cfg.distill`` asks for (a copy of ``pretrained`` as it is now), or None."""
+    """The teacher ``cfg.distill`` asks for (``distill.teacher``'s network, else a copy of
+    ``pretrained`` as it is now), or None."""
     if cfg.kind == "none":
         return None
-    return Teacher(pretrained, cfg.alpha, cfg.temperature)
+    teacher = cfg.get("teacher")
+    model = pretrained if teacher is None else load_teacher(teacher, pretrained.linear.out_features)
+    return Teacher(model, cfg.alpha, cfg.temperature)

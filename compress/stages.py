@@ -34,7 +34,7 @@ from compress.actquant import ActivationQuantCallback
 from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.config import config_hash, digest, drop_neutral
-from compress.distill import Teacher, make_teacher
+from compress.distill import Teacher, make_teacher, teacher_id
 from compress.interrupt import EpochCheckpoint, Interrupted
 from compress.layers import bake
 from compress.loggers import make_loggers
@@ -107,7 +107,7 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out
     )
 
 
-def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataModule) -> dict[str, float]:
+def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataModule) -> dict[str, float | int]:
     """Test-set accuracy and loss, and ``images``: how many test images they are over, the first
     ones of the test split (all of them unless ``trainer.limit_test_batches`` cut the pass short)."""
     (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -191,6 +191,8 @@ def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
     data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": data, "trainer": c["trainer"],
             "optim": c["optim"], "prune": c["prune"], "seed": c["seed"], "version": 1}
+    if (c.get("distill") or {}).get("teacher") is not None:
+        c["distill"]["teacher"] = teacher_id(cfg.distill)
     spec |= {k: c[k] for k in ("distill",) if k in c}  # new options, where not at their neutral value
     return digest(spec)
 

@@ -100,8 +100,7 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_ha
     acc = accuracy(model, xs[:tested], ys[:tested])
     if tested is not None and abs(acc - m["test_acc"]) > tol:
         problems.append(f"test acc {acc:.4f} != metrics {m['test_acc']:.4f}")
-    limit = ((m.get("config") or {}).get("trainer") or {}).get("limit_test_batches")
-    on = (f" on trainer.limit_test_batches={limit}: not compared" if tested is None
+    on = (f" on trainer.limit_test_batches={limited_test_batches(m)}: not compared" if tested is None
           else f" on the first {tested} of {len(ys)} test images" if tested < len(ys) else "")
     zeros, distinct, per_channel, total = layer_stats(model)
     recorded = (m.get("sparsity") or {}).get("layers") or {}
@@ -158,8 +157,13 @@ def tested_images(metrics: dict[str, Any], n: int) -> int | None:
     recorded = metrics.get("test_images")
     if recorded is not None:
         return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else -1
-    limit = ((metrics.get("config") or {}).get("trainer") or {}).get("limit_test_batches")
+    limit = limited_test_batches(metrics)
     return n if limit is None or (isinstance(limit, float) and limit == 1.0) else None  # an int 1 is one batch
+
+
+def limited_test_batches(metrics: dict[str, Any]) -> Any:
+    """The run's ``trainer.limit_test_batches`` (None if unset)."""
+    return ((metrics.get("config") or {}).get("trainer") or {}).get("limit_test_batches")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

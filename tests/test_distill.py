@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from compress.cells import recipe_of
+from compress.config import config_hash
 from compress.distill import Teacher, check_distill, kd_loss, make_teacher
+from compress.models import resnet32
 from compress.module import Classifier
 
 
@@ -44,7 +49,49 @@ def test_blend_weights_cross_entropy_and_distillation(resnet) -> None:
     ({"kind": "soft"}, "distill.kind='soft' is not allowed: use one of none, kd"),
     ({"kind": "kd", "alpha": 1.5, "temperature": 4}, "distill.alpha=1.5 is not allowed"),
     ({"kind": "kd", "alpha": 0.5, "temperature": 0}, "distill.temperature=0 is not allowed"),
+    ({"kind": "kd", "alpha": 0.5, "temperature": 4, "teacher": 56}, "distill.teacher=56 is not allowed: use null"),
+    ({"kind": "kd", "alpha": 0.5, "temperature": 4, "teacher": ""}, "distill.teacher='' is not allowed"),
 ])
 def test_bad_settings_are_named(conf: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
         check_distill(OmegaConf.create(conf))
+
+
+def kd(teacher: object) -> dict:
+    return {"kind": "kd", "alpha": 0.9, "temperature": 4.0, "teacher": teacher}
+
+
+def test_teacher_from_a_checkpoint_is_its_own_network(resnet, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    deeper = resnet32()
+    torch.save({"state_dict": {"module." + k: v for k, v in deeper.state_dict().items()}}, tmp_path / "r32.th")
+    teacher = make_teacher(OmegaConf.create(kd(str(tmp_path / "r32.th"))), resnet)
+    assert teacher.model.arch == "resnet32" and not teacher.model.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(teacher.model(x), deeper.eval()(x))
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_teacher_that_is_no_resnet_is_named(resnet, tmp_path: Path) -> None:
+    torch.save({"state_dict": {"fc.weight": torch.zeros(10, 4)}}, tmp_path / "mlp.th")
+    with pytest.raises(ValueError, match=r"distill\.teacher='.*mlp\.th' holds no CIFAR ResNet weights"):
+        make_teacher(OmegaConf.create(kd(str(tmp_path / "mlp.th"))), resnet)
+    with pytest.raises(FileNotFoundError, match=r"distill\.teacher='.*absent\.th' is not allowed: give a model name \(resnet20, "):
+        make_teacher(OmegaConf.create(kd(str(tmp_path / "absent.th"))), resnet)
+
+
+def test_hash_knows_the_teacher_by_its_weights(tmp_path: Path, pretrained: Path) -> None:
+    cfg = {"model": {"pretrained": str(pretrained)}, "data": {}, "distill": kd(None)}
+    base = config_hash(OmegaConf.create(cfg))
+    assert base == config_hash(OmegaConf.create(cfg | {"distill": {k: v for k, v in kd(None).items() if k != "teacher"}}))
+    torch.save({"state_dict": resnet32().state_dict()}, tmp_path / "a.th")
+    (tmp_path / "b.th").write_bytes((tmp_path / "a.th").read_bytes())
+    a, b = (config_hash(OmegaConf.create(cfg | {"distill": kd(str(tmp_path / n))})) for n in ("a.th", "b.th"))
+    assert a == b != base  # the same weights under another path: the same computation
+
+
+def test_reports_keep_runs_of_different_teachers_apart() -> None:
+    assert recipe_of({"distill": kd(None)}) == "recipe: distill kd"
+    assert recipe_of({"distill": kd("resnet56")}) == "recipe: distill kd from resnet56"
+    assert recipe_of({"distill": kd("/w/runs/x/model.pt")}) == "recipe: distill kd from model.pt"
