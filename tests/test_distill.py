@@ -95,3 +95,11 @@ def test_reports_keep_runs_of_different_teachers_apart() -> None:
     assert recipe_of({"distill": kd(None)}) == "recipe: distill kd"
     assert recipe_of({"distill": kd("resnet56")}) == "recipe: distill kd from resnet56"
     assert recipe_of({"distill": kd("/w/runs/x/model.pt")}) == "recipe: distill kd from model.pt"
+
+
+def test_kd_resnet56_recipe_composes_to_the_published_resnet56_teacher(hydra_compose) -> None:
+    cfg = hydra_compose(["recipe=kd_resnet56", "quant=asym", "nbits=2"])
+    assert cfg.distill.kind == "kd" and cfg.distill.teacher == "resnet56"
+    assert cfg.quant.clip == "mse" and cfg.quant.bn_recalibration  # on top of the strong recipe
+    check_distill(cfg.distill)
+    assert hydra_compose(["distill=kd"]).distill.teacher is None  # the default: the model itself
