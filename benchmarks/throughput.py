@@ -1,7 +1,7 @@
 """Training and evaluation throughput of ``compress`` against a plain PyTorch loop.
 
     .venv/bin/python benchmarks/throughput.py [--steps 40] [--warmup 5] [--repeats 3] [--threads N]
-                                              [--device cpu|cuda] [--compile] [--real]
+                                              [--device cpu|cuda] [--compile] [--real] [--distill]
 
 Trains ResNet-20 with batch 128 on CIFAR-10-shaped uint8 data (random; ``--real`` reads the
 torchvision CIFAR-10 root in ``$COMPRESS_DATA``) several ways, interleaved in one process
@@ -11,7 +11,8 @@ torchvision CIFAR-10 root in ``$COMPRESS_DATA``) several ways, interleaved in on
   (b) ``compress.module.Classifier`` through a Trainer configured like ``conf/trainer/cpu.yaml``, fp32;
   (c) (b) with 80% global pruning masks and 4-bit asym fake quantization installed;
   (d), (e): (b), (c) under bf16 autocast (``precision=bf16-mixed``, the CPU default where the
-  CPU has native bf16). On ``--device cuda`` every Lightning variant is bf16 and (d), (e) are skipped.
+  CPU has native bf16). On ``--device cuda`` every Lightning variant is bf16 and (d), (e) are skipped;
+  (f), (g) (``--distill``): (e) distilling from a ResNet-20 / a ResNet-56 teacher (its extra forward).
 
 Each variant runs ``warmup + steps`` steps from the same loader; only the last ``steps`` are
 timed (from the start of the first timed batch, once it is loaded, to the end of the last

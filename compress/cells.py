@@ -102,7 +102,7 @@ def recipe_of(config: dict | None) -> str:
         parts += ["LSQ"] if quant.get("learn_range") else []
     if distill.get("kind", "none") != "none":
         teacher = distill.get("teacher")
-        parts += [f"distill {distill['kind']}" + (f" from {Path(teacher).name}" if teacher else "")]
+        parts += [f"distill {distill['kind']}" + (f" from {teacher}" if teacher else "")]
     return f"recipe: {' + '.join(parts)}" if parts else ""
 
 

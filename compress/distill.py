@@ -16,6 +16,7 @@ compressed; a model name (``resnet56``, ...) is that model's published weights (
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from compress.checkpoint import apply_checkpoint, is_url, load_checkpoint, source_id
-from compress.models.resnet import arch_of, build
+from compress.models.resnet import ARCHS, arch_of, build
 from compress.models.weights import PUBLISHED, published_weights
 
 KINDS = ("none", "kd")
@@ -49,6 +50,8 @@ def check_distill(cfg: DictConfig) -> None:
 def teacher_source(teacher: str) -> str:
     """Where ``distill.teacher``'s weights come from: a model name's published weights, else
     itself; ``FileNotFoundError`` naming what is allowed if it is neither a name, a URL nor a file."""
+    if teacher == "resnet20" and os.environ.get("COMPRESS_PRETRAINED"):  # as model=resnet20 finds it
+        return os.environ["COMPRESS_PRETRAINED"]
     if teacher in PUBLISHED:
         return published_weights(teacher)
     if not is_url(teacher) and not Path(teacher).expanduser().is_file():
@@ -92,7 +95,7 @@ def load_teacher(teacher: str, num_classes: int) -> nn.Module:
     source = teacher_source(teacher)
     ckpt = load_checkpoint(source, "distill.teacher")
     arch = arch_of(ckpt.state_dict)
-    if arch is None:
+    if arch not in ARCHS:
         raise ValueError(f"distill.teacher={teacher!r} holds no CIFAR ResNet weights this tool can build: "
                          f"give {', '.join(PUBLISHED)} or a checkpoint of one")
     classes = ckpt.state_dict["linear.weight"].shape[0]

@@ -107,7 +107,7 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out
     )
 
 
-def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataModule) -> dict[str, float | int]:
+def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataModule) -> dict[str, float]:
     """Test-set accuracy and loss, and ``images``: how many test images they are over, the first
     ones of the test split (all of them unless ``trainer.limit_test_batches`` cut the pass short)."""
     (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -187,12 +187,12 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
 def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
     """Hash of everything the pruning stage's result depends on."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    if (c.get("distill") or {}).get("teacher") is not None:
+        c["distill"]["teacher"] = teacher_id(cfg.distill)
     drop_neutral(c)
     data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": data, "trainer": c["trainer"],
             "optim": c["optim"], "prune": c["prune"], "seed": c["seed"], "version": 1}
-    if (c.get("distill") or {}).get("teacher") is not None:
-        c["distill"]["teacher"] = teacher_id(cfg.distill)
     spec |= {k: c[k] for k in ("distill",) if k in c}  # new options, where not at their neutral value
     return digest(spec)
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from compress.cells import recipe_of
 from compress.config import config_hash
 from compress.distill import Teacher, check_distill, kd_loss, make_teacher
-from compress.models import resnet32
+from compress.models import resnet20, resnet32
 from compress.module import Classifier
 
 
@@ -94,7 +94,7 @@ def test_hash_knows_the_teacher_by_its_weights(tmp_path: Path, pretrained: Path)
 def test_reports_keep_runs_of_different_teachers_apart() -> None:
     assert recipe_of({"distill": kd(None)}) == "recipe: distill kd"
     assert recipe_of({"distill": kd("resnet56")}) == "recipe: distill kd from resnet56"
-    assert recipe_of({"distill": kd("/w/runs/x/model.pt")}) == "recipe: distill kd from model.pt"
+    assert recipe_of({"distill": kd("/w/runs/x/model.pt")}) == "recipe: distill kd from /w/runs/x/model.pt"
 
 
 def test_kd_resnet56_recipe_composes_to_the_published_resnet56_teacher(hydra_compose) -> None:
@@ -103,3 +103,12 @@ def test_kd_resnet56_recipe_composes_to_the_published_resnet56_teacher(hydra_com
     assert cfg.quant.clip == "mse" and cfg.quant.bn_recalibration  # on top of the strong recipe
     check_distill(cfg.distill)
     assert hydra_compose(["distill=kd"]).distill.teacher is None  # the default: the model itself
+
+
+def test_teacher_resnet20_is_found_as_model_resnet20_finds_it(resnet, monkeypatch, tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    own = resnet20()  # a ResNet-20 with other weights, as $COMPRESS_PRETRAINED
+    torch.save({"state_dict": own.state_dict()}, tmp_path / "mine.th")
+    monkeypatch.setenv("COMPRESS_PRETRAINED", str(tmp_path / "mine.th"))
+    teacher = make_teacher(OmegaConf.create(kd("resnet20")), resnet)
+    assert torch.equal(teacher.model.linear.weight, own.linear.weight)
