@@ -137,13 +137,20 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config, with the weights' content in place of their path and
-    without the data root: two runs with the same hash compute the same thing."""
-    c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_HASHED}
-    c["model"]["pretrained"] = source_id(cfg.model.pretrained)
+def hashed_config(cfg: DictConfig) -> dict:
+    """The resolved config as hashes see it: the teacher's weights by content, no data root or
+    download flag, options at their neutral value left out."""
+    c = OmegaConf.to_container(cfg, resolve=True)
     if (c.get("distill") or {}).get("teacher") is not None:
         c["distill"]["teacher"] = teacher_id(cfg.distill)
     c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     drop_neutral(c)
+    return c
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config, with the weights' content in place of their path and
+    without the data root: two runs with the same hash compute the same thing."""
+    c = {k: v for k, v in hashed_config(cfg).items() if k not in NOT_HASHED}
+    c["model"]["pretrained"] = source_id(cfg.model.pretrained)
     return digest(c)

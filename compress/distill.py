@@ -16,7 +16,6 @@ compressed; a model name (``resnet56``, ...) is that model's published weights (
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
@@ -50,9 +49,7 @@ def check_distill(cfg: DictConfig) -> None:
 def teacher_source(teacher: str) -> str:
     """Where ``distill.teacher``'s weights come from: a model name's published weights, else
     itself; ``FileNotFoundError`` naming what is allowed if it is neither a name, a URL nor a file."""
-    if teacher == "resnet20" and os.environ.get("COMPRESS_PRETRAINED"):  # as model=resnet20 finds it
-        return os.environ["COMPRESS_PRETRAINED"]
-    if teacher in PUBLISHED:
+    if teacher in PUBLISHED:  # as model=<name> finds them
         return published_weights(teacher)
     if not is_url(teacher) and not Path(teacher).expanduser().is_file():
         raise FileNotFoundError(f"distill.teacher={teacher!r} is not allowed: give a model name "

@@ -27,14 +27,14 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from compress.actquant import ActivationQuantCallback
 from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
-from compress.config import config_hash, digest, drop_neutral
-from compress.distill import Teacher, make_teacher, teacher_id
+from compress.config import config_hash, digest, hashed_config
+from compress.distill import Teacher, make_teacher
 from compress.interrupt import EpochCheckpoint, Interrupted
 from compress.layers import bake
 from compress.loggers import make_loggers
@@ -186,12 +186,8 @@ def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
 
 def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
     """Hash of everything the pruning stage's result depends on."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    if (c.get("distill") or {}).get("teacher") is not None:
-        c["distill"]["teacher"] = teacher_id(cfg.distill)
-    drop_neutral(c)
-    data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
-    spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": data, "trainer": c["trainer"],
+    c = hashed_config(cfg)
+    spec = {"model": c["model"]["net"], "pretrained": pretrained_id, "data": c["data"], "trainer": c["trainer"],
             "optim": c["optim"], "prune": c["prune"], "seed": c["seed"], "version": 1}
     spec |= {k: c[k] for k in ("distill",) if k in c}  # new options, where not at their neutral value
     return digest(spec)

@@ -61,6 +61,11 @@ def test_each_model_takes_its_own_published_file(tmp_path: Path, monkeypatch: py
     (other / PUBLISHED["resnet56"]).write_bytes(b"56")
     monkeypatch.setenv("COMPRESS_WEIGHTS", str(other))
     assert published_weights("resnet56") == str(other / PUBLISHED["resnet56"])  # COMPRESS_WEIGHTS first
+    mine = tmp_path / "mine.pt"  # ResNet-20 takes $COMPRESS_PRETRAINED itself, whatever its name
+    monkeypatch.setenv("COMPRESS_PRETRAINED", str(mine))
+    assert published_weights("resnet20") == str(mine)
+    monkeypatch.setenv("COMPRESS_PRETRAINED", "")  # set but empty: as if unset
+    assert published_weights("resnet20") == URL_BASE + PUBLISHED["resnet20"]
     with pytest.raises(ValueError, match="no published weights for 'resnet18'"):
         published_weights("resnet18")
 

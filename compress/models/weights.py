@@ -38,10 +38,13 @@ def weights_dir() -> Path | None:
 
 
 def published_weights(arch: str) -> str:
-    """The local copy of ``arch``'s published weights in :func:`weights_dir` if there is one,
+    """Where ``arch``'s published weights are taken from (rules 2-4 above): for ResNet-20
+    ``$COMPRESS_PRETRAINED`` if set, else the local copy in :func:`weights_dir` if there is one,
     else their https URL; ``ValueError`` for an architecture without published weights."""
     if arch not in PUBLISHED:
         raise ValueError(f"no published weights for {arch!r}: use one of {', '.join(PUBLISHED)}")
+    if arch == "resnet20" and os.environ.get("COMPRESS_PRETRAINED"):
+        return os.environ["COMPRESS_PRETRAINED"]
     folder = weights_dir()
     local = folder / PUBLISHED[arch] if folder else None
     return str(local) if local and local.is_file() else URL_BASE + PUBLISHED[arch]
