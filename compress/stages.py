@@ -68,23 +68,28 @@ class StageResult:
     before: dict[str, float]
     after: dict[str, float] | None
     history: list[dict[str, float]] = field(default_factory=list)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # including resumed_s
+    resumed_s: float = 0.0  # wall time of the interrupted runs whose last epoch checkpoint this one resumed from
     cached: bool = False
     cache_key: str | None = None
 
 
 class History(pl.Callback):
-    """Records the epoch-level logged metrics (train/val loss and accuracy, learning rate);
-    its rows travel in Lightning checkpoints, so a resumed stage keeps the earlier epochs."""
+    """Records the epoch-level logged metrics (train/val loss and accuracy, learning rate) and
+    the stage's wall time so far; both travel in Lightning checkpoints, so a resumed stage keeps
+    the earlier epochs and counts the time they took (``resumed_s``)."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.started = time.time()
+        self.resumed_s = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "wall_s": self.resumed_s + time.time() - self.started}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
+        self.resumed_s = float(state_dict.get("wall_s", 0.0))  # checkpoints from before the field: unknown, 0
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         row = {"epoch": trainer.current_epoch + 1, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
@@ -152,7 +157,8 @@ def run_stage(
     after = test(make_trainer(cfg, 0, [], out_dir), module, datamodule) if stage.epochs > 0 else None
     if after:
         log.info("stage %s: test acc %.4f after %d epochs of fine-tuning", stage.name, after["acc"], stage.epochs)
-    result = StageResult(stage.name, stage.epochs, before, after, history.rows, time.time() - t0, cache_key=stage.cache_key)
+    result = StageResult(stage.name, stage.epochs, before, after, history.rows, time.time() - t0 + history.resumed_s,
+                         history.resumed_s, cache_key=stage.cache_key)
     return result, masks
 
 

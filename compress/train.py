@@ -131,7 +131,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         **{k: size[k] for k in ("fp32_bytes", "compressed_bytes", "ratio", "bits_per_weight")},
         "size": size,
         "stages": [vars(r) for r in results],
-        "wall_time_s": time.time() - t0,
+        "wall_time_s": time.time() - t0 + sum(r.resumed_s for r in results if not r.cached),  # + interrupted runs
         "hardware": hardware(cfg.trainer.accelerator),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

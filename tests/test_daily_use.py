@@ -112,12 +112,14 @@ def test_dense_run_reports_zero_sparsity(run_app, data_root: Path, pretrained: P
 
 def test_sigterm_stops_with_one_line_and_the_rerun_resumes(tmp_path: Path, data_root: Path, pretrained: Path) -> None:
     cmd, env, run_dir = app_command(["prune=global", "budget=debug", "trainer.max_epochs=3"], tmp_path)
+    started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list(run_dir.glob("checkpoints/*/last.ckpt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    killed_after = time.time() - started
     assert proc.returncode == 143, err
     assert err.strip().count("\n") == 0 and err.startswith("error: interrupted by SIGTERM in stage prune at epoch ")
     assert "last.ckpt (end of epoch 1)" in err and "re-run the same command to resume" in err
@@ -127,3 +129,7 @@ def test_sigterm_stops_with_one_line_and_the_rerun_resumes(tmp_path: Path, data_
     assert again.returncode == 0, again.stderr
     assert "resumed at epoch 2" in (run_dir / "train.log").read_text()
     assert "exists and is not empty" not in again.stderr + again.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # the killed run's time is counted too
+    stage = metrics["stages"][0]
+    assert 0 < stage["resumed_s"] < killed_after and stage["wall_s"] > stage["resumed_s"]
+    assert metrics["wall_time_s"] > stage["wall_s"]

@@ -34,7 +34,7 @@ def without_timing(metrics: dict) -> dict:
     """Everything but wall times, cache flags and the cache's path, which legitimately differ."""
     out = {k: v for k, v in metrics.items() if k != "wall_time_s"}
     out["config"] = {k: v for k, v in metrics["config"].items() if k != "stage_cache"}
-    out["stages"] = [{k: v for k, v in s.items() if k not in ("wall_s", "cached")} for s in metrics["stages"]]
+    out["stages"] = [{k: v for k, v in s.items() if k not in ("wall_s", "resumed_s", "cached")} for s in metrics["stages"]]
     return out
 
 
