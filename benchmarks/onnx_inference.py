@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/onnx_inference.py [--images 2000] [--batch 200] [--repeats 3]
                                                   [--threads N] [--archs resnet20,resnet56]
 
-For every model, two networks: the dense fp32 one (its published weights where they are found
-locally, see ``compress/models/weights.py``, else random ones: throughput does not depend on
+For every model, two networks: the dense fp32 one (the weights ``model=<arch>`` loads where they
+are found locally, see ``compress/models/weights.py``, else random ones: throughput does not depend on
 the values) and the same one pruned to 80% (global) and quantized to 4-bit sym, baked as
 ``compress`` saves it. Each runs two ways on the same float32 images, interleaved over the
 repeats (torch, onnx, torch, onnx, ...) so that other load on the machine hits both alike:
@@ -53,7 +53,7 @@ def networks(arch: str) -> tuple[str, dict[str, tuple[nn.Module, Checkpoint]]]:
     masks = current_masks(compressed)
     QuantizationCallback("sym", 4).install(compressed)
     bake(compressed)
-    return ("published" if not is_url(source) else "random"), {
+    return ("pretrained" if not is_url(source) else "random"), {
         "dense fp32": (dense.eval(), Checkpoint(dense.state_dict(), {}, {"quant": None})),
         "global 80% + sym4": (compressed.eval(), Checkpoint(compressed.state_dict(), masks, {"quant": {"mode": "sym", "nbits": 4}})),
     }
