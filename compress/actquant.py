@@ -102,6 +102,11 @@ def activation_quantizers(model: nn.Module) -> dict[str, ActFakeQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActFakeQuant)}
 
 
+def has_activation_slots(model: nn.Module) -> bool:
+    """Whether ``model`` has residual blocks with activation slots (the CIFAR ResNets)."""
+    return any(isinstance(m, BasicBlock) for m in model.modules())
+
+
 def install(model: nn.Module, nbits: int, learn: bool = False) -> dict[str, ActFakeQuant]:
     """Put an :class:`ActFakeQuant` in every activation slot of ``model``'s residual blocks
     (no-op if there are some already); returns them by name. ``ValueError`` if it has no blocks."""

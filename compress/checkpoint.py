@@ -74,8 +74,10 @@ def _read(source: str, key: str) -> Any:
 
 
 def load_checkpoint(source: str, key: str = "model.pretrained") -> Checkpoint:
-    """Read a checkpoint from a local path or URL, in either supported format (errors name the
-    config ``key`` that gave ``source``)."""
+    """Read a checkpoint from a local path or URL, in either supported format, or a packed
+    ``model.cpk`` artifact (errors name the config ``key`` that gave ``source``)."""
+    if not is_url(source) and _local(source, key).read_bytes()[:4] == ARTIFACT_MAGIC:
+        return _from_artifact(source, key)
     obj = _read(source, key)
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         raise ValueError(f"{key}={source!r} holds no 'state_dict': not a model checkpoint")
@@ -83,6 +85,24 @@ def load_checkpoint(source: str, key: str = "model.pretrained") -> Checkpoint:
     if obj.get("format") == FORMAT and obj.get("version") != VERSION:
         raise ValueError(f"{key}={source!r} is format version {obj.get('version')}, this code reads {VERSION}")
     return Checkpoint(sd, dict(obj.get("masks", {})), dict(obj.get("meta", {})))
+
+
+ARTIFACT_MAGIC = b"CMPK"  # compress.export.MAGIC (not imported: the export package imports this module)
+
+
+def _from_artifact(source: str, key: str) -> Checkpoint:
+    """The weights of a ``model.cpk`` as a checkpoint: its pruned weights (exact zeros of the
+    conv/linear weights) kept as masks, what it records of the network and data as meta."""
+    from compress.export import load, read_manifest
+    from compress.layers import prunable_layers
+
+    try:
+        model, manifest = load(source), read_manifest(source)
+    except ValueError as e:
+        raise ValueError(f"{key}={source!r}: {e}") from None
+    masks = {n: m.weight.detach() != 0 for n, m in prunable_layers(model).items() if bool((m.weight == 0).any())}
+    meta = {k: manifest[k] for k in ("net", "data") if manifest.get(k)}
+    return Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, masks, meta)
 
 
 def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str, key: str = "model.pretrained") -> None:

@@ -8,20 +8,15 @@ import json
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from compress.actquant import check_abits
 from compress.checkpoint import source_id
 from compress.data import check_test_split, resolve_eval_batch
-from compress.distill import check_distill, teacher_id
+from compress.distill import teacher_id
 from compress.export import FP_DTYPES
 from compress.loggers import check_loggers
-from compress.layers import block_convs, prunable_layers
-from compress.models import ARCHS, build
+from compress.methods import check_count
 from compress.models.weights import published_weights
 from compress.progress import check_progress
-from compress.prune import check_layer_sparsity, check_sparsity
-from compress.quant import MODES, check_clip, check_granularity, check_layer_nbits, check_learn_range, check_nbits
-
-PRUNE_METHODS = ("none", "oneshot", "iterative", "global")
+from compress.quant import check_nbits
 
 
 def cpu_precision() -> str:
@@ -51,52 +46,23 @@ if not OmegaConf.has_resolver("published_weights"):
     OmegaConf.register_new_resolver("published_weights", published_weights)
 
 
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r} is not allowed: use an integer >= 0")
-    return value
-
-
 def validate(cfg: DictConfig) -> None:
-    """Raise ``ValueError`` naming the first bad value in ``cfg`` and what is allowed."""
+    """Raise ``ValueError`` naming the first bad value in ``cfg`` and what is allowed: the
+    settings of the run itself (the methods check their own arguments when they are built)."""
     check_nbits(cfg.nbits)
     check_progress(cfg.progress)
     check_loggers(cfg.get("logger"))
-    check_distill(cfg.distill)
-    if cfg.model.name not in ARCHS:
-        raise ValueError(f"model.name={cfg.model.name!r} is not allowed: use one of {', '.join(ARCHS)}")
-    if cfg.quant.mode not in ("none", *MODES):
-        raise ValueError(f"quant.mode={cfg.quant.mode!r} is not allowed: use one of none, {', '.join(MODES)}")
-    if cfg.prune.method not in PRUNE_METHODS:
-        raise ValueError(f"prune.method={cfg.prune.method!r} is not allowed: use one of {', '.join(PRUNE_METHODS)}")
-    _count("trainer.max_epochs", cfg.trainer.max_epochs)
-    resolve_eval_batch(cfg.data.eval_batch_size, torch.device("cpu"))
-    check_test_split(cfg.data.test_split)
+    if not isinstance(cfg.model.name, str) or not cfg.model.name or "/" in cfg.model.name:
+        raise ValueError(f"model.name={cfg.model.name!r} is not allowed: use a short label for run dirs and reports")
+    pretrained = cfg.model.pretrained
+    if pretrained is not None and (not isinstance(pretrained, str) or not pretrained):
+        raise ValueError(f"model.pretrained={pretrained!r} is not allowed: use a checkpoint path, an https URL, "
+                         "or null (train from scratch)")
+    check_count("trainer.max_epochs", cfg.trainer.max_epochs)
+    resolve_eval_batch(cfg.data.get("eval_batch_size", "auto"), torch.device("cpu"))
+    check_test_split(cfg.data.get("test_split", "all"))
     if cfg.export_fp_dtype not in FP_DTYPES:
         raise ValueError(f"export_fp_dtype={cfg.export_fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
-    if cfg.quant.mode != "none":
-        _count("quant.epochs", cfg.quant.epochs)
-        _count("quant.bn_recalibration", cfg.quant.bn_recalibration)
-        check_clip(cfg.quant.clip)
-        check_granularity(cfg.quant.granularity)
-        check_learn_range(cfg.quant.learn_range)
-        check_layer_nbits(cfg.quant.layer_nbits, block_convs(build(cfg.model.name)))
-        check_abits(cfg.quant.abits)
-    if cfg.prune.method != "none":
-        check_sparsity(cfg.prune.sparsity)
-        check_layer_sparsity(cfg.prune.layer_sparsity, prunable_layers(build(cfg.model.name)))
-        epochs = _count("prune.epochs", cfg.prune.epochs)
-        ramp = _count("prune.ramp_epochs", cfg.prune.ramp_epochs)
-        if ramp > epochs:
-            raise ValueError(
-                f"prune.ramp_epochs={ramp} is longer than prune.epochs={epochs}: the target sparsity "
-                "would never be reached (lower ramp_epochs or raise trainer.max_epochs)"
-            )
-        if cfg.prune.method == "oneshot" and ramp != 0:
-            raise ValueError(f"prune.ramp_epochs={ramp} is not allowed for prune=oneshot (it prunes once, at the start): "
-                             "use prune=iterative for a ramp")
-        if cfg.prune.method != "oneshot" and ramp == 0:
-            raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={cfg.prune.method}: use prune=oneshot")
 
 
 # Settings that change where things are kept, what is shown or whether a run is redone, not
@@ -118,17 +84,45 @@ NEUTRAL: dict[str, object] = {
     "prune.layer_sparsity": None,
     "quant.layer_nbits": None,
     "quant.abits": None,
+    # methods as configured callbacks, with their layer selection (null: the model's default)
+    "prune._target_": "compress.prune.PruningCallback",
+    "quant._target_": "compress.quant.QuantizationCallback",
+    "distill._target_": "compress.distill.DistillationCallback",
+    "prune.layers": {k: None for k in ("types", "include", "exclude", "keep_first", "keep_last")},
+    "quant.layers": {k: None for k in ("types", "include", "exclude", "keep_first", "keep_last")},
+    # what the data is (CIFAR-10's, the only data before data configs said it)
+    "data.num_classes": 10,
+    "data.mean": [0.485, 0.456, 0.406],
+    "data.std": [0.229, 0.224, 0.225],
+    "data.image_size": 32,
+    # never binding in a published run: their most pruned layer keeps 0.16% of its weights
+    "prune.min_density": 0.001,
 }
+# Keys that repeat another key's value (an interpolation): left out of the hash where they
+# still do, so they add nothing to it. Dotted key -> the key it repeats.
+ECHOES = {"quant.nbits": "nbits"}
+
+
+def _parent(c: dict, key: str) -> tuple[dict | None, str]:
+    """The dict holding dotted ``key`` in ``c`` (None if there is none) and its last part."""
+    *path, last = key.split(".")
+    node = c
+    for k in path:
+        node = node.get(k) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), last
 
 
 def drop_neutral(c: dict) -> None:
-    """Remove the keys of :data:`NEUTRAL` from the plain config ``c`` where they hold the neutral value."""
+    """Remove the keys of :data:`NEUTRAL` from the plain config ``c`` where they hold the
+    neutral value, and those of :data:`ECHOES` where they repeat their key's value."""
     for key, value in NEUTRAL.items():
-        *path, last = key.split(".")
-        node = c
-        for k in path:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and last in node and node[last] == value:
+        node, last = _parent(c, key)
+        if node is not None and last in node and node[last] == value:
+            del node[last]
+    for key, source in ECHOES.items():
+        node, last = _parent(c, key)
+        src, src_last = _parent(c, source)
+        if node is not None and src is not None and last in node and node[last] == src.get(src_last):
             del node[last]
 
 
@@ -137,13 +131,18 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+CIFAR10 = "compress.data.CIFAR10Data"
+
+
 def hashed_config(cfg: DictConfig) -> dict:
-    """The resolved config as hashes see it: the teacher's weights by content, no data root or
-    download flag, options at their neutral value left out."""
+    """The resolved config as hashes see it: the teacher's weights by content, no download flag
+    nor CIFAR-10's root (the same md5-checked files anywhere; other data is known by its root),
+    options at their neutral value left out."""
     c = OmegaConf.to_container(cfg, resolve=True)
     if (c.get("distill") or {}).get("teacher") is not None:
         c["distill"]["teacher"] = teacher_id(cfg.distill)
-    c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    same_anywhere = ("root", "download") if c["data"].get("_target_") == CIFAR10 else ("download",)
+    c["data"] = {k: v for k, v in c["data"].items() if k not in same_anywhere}  # CIFAR-10 is md5-checked
     drop_neutral(c)
     return c
 
@@ -152,5 +151,5 @@ def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved config, with the weights' content in place of their path and
     without the data root: two runs with the same hash compute the same thing."""
     c = {k: v for k, v in hashed_config(cfg).items() if k not in NOT_HASHED}
-    c["model"]["pretrained"] = source_id(cfg.model.pretrained)
+    c["model"]["pretrained"] = None if cfg.model.pretrained is None else source_id(cfg.model.pretrained)
     return digest(c)

@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
 from compress.checkpoint import apply_checkpoint, is_url, load_checkpoint, source_id
+from compress.layers import network
+from compress.models.net import build_net
 from compress.models.resnet import ARCHS, arch_of, build
 from compress.models.weights import PUBLISHED, published_weights
 
@@ -86,29 +91,61 @@ class Teacher:
         return (1 - self.alpha) * ce + self.alpha * kd_loss(logits, target, self.temperature)
 
 
-def load_teacher(teacher: str, num_classes: int) -> nn.Module:
-    """The network ``distill.teacher`` names, with its weights; ``ValueError`` if it is not a
-    ResNet of this tool's family or predicts another number of classes than the student."""
+def load_teacher(teacher: str) -> nn.Module:
+    """The network ``distill.teacher`` names, with its weights: a CIFAR ResNet's (told by its
+    parameter names), or any network an earlier run's ``model.pt`` records how to build;
+    ``ValueError`` if it is neither."""
     source = teacher_source(teacher)
     ckpt = load_checkpoint(source, "distill.teacher")
     arch = arch_of(ckpt.state_dict)
-    if arch not in ARCHS:
-        raise ValueError(f"distill.teacher={teacher!r} holds no CIFAR ResNet weights this tool can build: "
-                         f"give {', '.join(PUBLISHED)} or a checkpoint of one")
-    classes = ckpt.state_dict["linear.weight"].shape[0]
-    if classes != num_classes:
-        raise ValueError(f"distill.teacher={teacher!r} predicts {classes} classes, the student {num_classes}: "
-                         "give a teacher trained on the same classes")
-    model = build(arch, classes)
+    if arch in ARCHS:
+        model = build(arch, ckpt.state_dict["linear.weight"].shape[0])
+    elif isinstance((ckpt.meta or {}).get("net"), dict):
+        model = build_net(ckpt.meta["net"], "distill.teacher")
+    else:
+        raise ValueError(f"distill.teacher={teacher!r} holds weights this tool cannot rebuild: give "
+                         f"{', '.join(PUBLISHED)}, a checkpoint of one, or an earlier run's model.pt")
     apply_checkpoint(model, ckpt, source, "distill.teacher")
     return model
 
 
-def make_teacher(cfg: DictConfig, pretrained: nn.Module) -> Teacher | None:
-    """The teacher ``cfg.distill`` asks for (``distill.teacher``'s network, else a copy of
-    ``pretrained`` as it is now), or None."""
-    if cfg.kind == "none":
-        return None
-    teacher = cfg.get("teacher")
-    model = pretrained if teacher is None else load_teacher(teacher, pretrained.linear.out_features)
-    return Teacher(model, cfg.alpha, cfg.temperature)
+class DistillationCallback(pl.Callback):
+    """Distil from a frozen full-precision teacher in every fine-tuning stage (``distill=kd``).
+
+    Args:
+        kind: its label in reports (``kd``).
+        alpha: weight of the distillation term, in [0, 1].
+        temperature: softmax temperature, > 0.
+        teacher: null (the pretrained model being compressed, as loaded), a model name with
+            published weights, or a checkpoint path / https URL.
+    """
+
+    def __init__(self, kind: str = "kd", alpha: float = 0.9, temperature: float = 4.0, teacher: str | None = None) -> None:
+        check_distill(OmegaConf.create({"kind": "kd", "alpha": alpha, "temperature": temperature, "teacher": teacher}))
+        self.kind, self.alpha, self.temperature, self.source = str(kind), float(alpha), float(temperature), teacher
+        self.teacher: Teacher | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        """Take the teacher: a copy of ``model`` as loaded, or ``teacher``'s network, which must
+        predict as many classes as ``model``."""
+        net = model if self.source is None else load_teacher(self.source)
+        if net is not model:
+            ours, theirs = outputs(model), outputs(net)
+            if ours != theirs:
+                raise ValueError(f"distill.teacher={self.source!r} predicts {theirs} classes, the student {ours}: "
+                                 "give a teacher trained on the same classes")
+        self.teacher = Teacher(net, self.alpha, self.temperature)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.teacher is None:
+            self.prepare(network(pl_module))
+        pl_module.teacher = self.teacher
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.teacher = None
+
+
+def outputs(model: nn.Module) -> int | None:
+    """How many classes ``model`` predicts: the width of its last linear layer (None if it has none)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else None

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.models.resnet import BasicBlock
+from compress.selection import matches, select_layers
 
 P = TypeVar("P", bound=nn.Module)
 T = TypeVar("T")
@@ -32,31 +32,42 @@ class Quantizer(nn.Module):
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every convolution and linear layer, by qualified name (what pruning acts on)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    """The layers pruning acts on by default, by qualified name: the model's default
+    ``prune`` selection (every convolution and linear layer unless the model says otherwise)."""
+    return select_layers(model, "prune")
 
 
-def block_convs(model: nn.Module) -> dict[str, nn.Module]:
-    """Convolutions inside the residual blocks (``layerX.Y.convZ``): what quantization acts on.
-    The stem convolution and the classifier stay full precision, as in the seed report."""
-    blocks = {n for n, m in model.named_modules() if isinstance(m, BasicBlock)}
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.rpartition(".")[0] in blocks}
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers quantization acts on by default: the model's default ``quant`` selection (for
+    the CIFAR ResNets the residual blocks' convolutions; stem and classifier stay full precision)."""
+    return select_layers(model, "quant")
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of ``model`` that carry a quantizer, installed or baked (see :func:`bake`)."""
+    return {n: m for n, m in model.named_modules()
+            if weight_parametrization(m, Quantizer) is not None or baked_grid(m) is not None}
 
 
 def check_layer_map(key: str, mapping: object, layers: Iterable[str], check: Callable[[object, str], T]) -> dict[str, T]:
-    """A per-layer setting (``key``, e.g. ``quant.layer_nbits``) as ``{layer name: value}``,
-    each value passed through ``check(value, its dotted key)``; ``ValueError`` naming an unknown
-    layer with the list of valid ones (``layers``), or a map that is not one."""
+    """A per-layer setting (``key``, e.g. ``quant.layer_nbits``) as ``{layer name: value}``:
+    each key a layer name or an ``re:`` pattern (all the layers it fully matches; later entries
+    win), each value passed through ``check(value, its dotted key)``. ``ValueError`` for a key
+    that matches none of ``layers`` (listing them) or a map that is not one."""
     if mapping is None:
         return {}
     valid = list(layers)
     if not isinstance(mapping, Mapping):
-        raise ValueError(f"{key}={mapping!r} is not allowed: use a map of layer name to value, "
+        raise ValueError(f"{key}={mapping!r} is not allowed: use a map of layer name (or re: pattern) to value, "
                          f"e.g. {key}={{{valid[0] if valid else 'layer'}:...}}")
-    unknown = [str(n) for n in mapping if n not in valid]
-    if unknown:
-        raise ValueError(f"{key} names unknown layer {unknown[0]!r}: use one of {', '.join(valid)}")
-    return {str(n): check(v, f"{key}.{n}") for n, v in mapping.items()}
+    out: dict[str, T] = {}
+    for pattern, value in mapping.items():
+        hits = [n for n in valid if matches(n, [str(pattern)])]
+        if not hits:
+            raise ValueError(f"{key} names unknown layer {str(pattern)!r}: use one of {', '.join(valid)}")
+        checked = check(value, f"{key}.{pattern}")
+        out |= {n: checked for n in hits}
+    return out
 
 
 def network(pl_module: nn.Module) -> nn.Module:

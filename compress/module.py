@@ -27,7 +27,8 @@ class Classifier(pl.LightningModule):
         schedule: ``cosine`` (per step, from ``lr`` to 0 over the fit, after warm-up) or ``constant``.
         warmup_epochs: linear warm-up from 0 to ``lr`` over this many epochs (may be fractional).
         label_smoothing: cross-entropy label smoothing for training.
-        teacher: distill from this frozen network while training (see :mod:`compress.distill`).
+        teacher: distill from this frozen network while training (see :mod:`compress.distill`;
+            ``distill=kd``'s callback sets it for each fit).
     """
 
     def __init__(
@@ -75,7 +76,11 @@ class Classifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def on_test_epoch_start(self) -> None:
+        self.tested = torch.zeros((), dtype=torch.int64, device=self.device)
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.tested += len(batch[1])  # counted from the batches: any DataLoader works
         # Reported numbers are fp32 whatever the training precision: under bf16 autocast a
         # fake-quantized weight would be rounded again, off its exact code*scale+offset levels.
         with torch.autocast(batch[0].device.type, enabled=False):

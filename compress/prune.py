@@ -23,15 +23,16 @@ at 8% a step; already pruned weights stay pruned. ``ramp_epochs=0`` prunes once,
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.layers import (bake, check_layer_map, network, prunable_layers, weight_parametrization,
-                             with_parametrization)
+from compress.layers import bake, check_layer_map, network, weight_parametrization, with_parametrization
+from compress.methods import Method
+from compress.selection import select_layers
 
 Scope = Literal["layer", "global"]
 
@@ -58,20 +59,49 @@ def prune_count(sparsity: float, numel: int) -> int:
 
 def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask that drops the ``prune_count`` smallest entries of ``scores``."""
-    k = prune_count(sparsity, scores.numel())
+    return _keep_count(scores, prune_count(sparsity, scores.numel()))
+
+
+def _global_masks(weights: Mapping[str, torch.Tensor], sparsity: float, min_density: float) -> dict[str, torch.Tensor]:
+    """One magnitude threshold over all ``weights`` removing ``sparsity`` of them, except that no
+    tensor keeps fewer than ``min_density`` of its weights: a tensor the threshold would take
+    below that keeps its largest ``ceil(min_density * numel)``, and the threshold is recomputed
+    over the others so that the overall target is still met (where it can be)."""
+    total = sum(w.numel() for w in weights.values())
+    removed = prune_count(sparsity, total)
+    floor = {n: min(w.numel(), math.ceil(round(min_density * w.numel(), 6))) for n, w in weights.items()}
+    floored: dict[str, torch.Tensor] = {}
+    while True:
+        rest = {n: w for n, w in weights.items() if n not in floored}
+        if not rest:
+            return floored
+        budget = removed - sum(int((~m).sum()) for m in floored.values())
+        numel = sum(w.numel() for w in rest.values())
+        flat = _keep_count(torch.cat([w.abs().flatten() for w in rest.values()]), min(max(budget, 0), numel))
+        parts = dict(zip(rest, flat.split([w.numel() for w in rest.values()])))
+        short = [n for n, p in parts.items() if int(p.sum()) < floor[n]]
+        if not short:
+            return floored | {n: parts[n].view_as(w) for n, w in rest.items()}
+        for n in short:
+            floored[n] = _keep_count(weights[n].abs(), weights[n].numel() - floor[n])
+
+
+def _keep_count(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask that drops the ``k`` smallest entries of ``scores``."""
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
+    if k > 0:
         keep[torch.topk(scores.flatten(), k, largest=False).indices] = False
     return keep.view_as(scores)
 
 
 def magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope: Scope,
-                    layer_sparsity: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+                    layer_sparsity: Mapping[str, float] | None = None, min_density: float = 0.0) -> dict[str, torch.Tensor]:
     """Masks (True = kept) removing the smallest-magnitude weights.
 
     ``scope="layer"`` prunes ``sparsity`` of each tensor; ``"global"`` uses one threshold over
-    all tensors together, so only the overall sparsity is ``sparsity``. The tensors that
-    ``layer_sparsity`` names are pruned to their own sparsity each, and left out of the global threshold.
+    all tensors together, so only the overall sparsity is ``sparsity``, no tensor keeping fewer
+    than ``min_density`` of its weights. The tensors that ``layer_sparsity`` names are pruned to
+    their own sparsity each, and left out of the global threshold.
     """
     check_sparsity(sparsity)
     if scope not in ("layer", "global"):
@@ -82,19 +112,18 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope:
     if scope == "layer":
         masks |= {n: _keep_largest(w.abs(), sparsity) for n, w in rest.items()}
     elif rest:
-        flat = _keep_largest(torch.cat([w.abs().flatten() for w in rest.values()]), sparsity)
-        parts = flat.split([w.numel() for w in rest.values()])
-        masks |= {n: p.view_as(w) for (n, w), p in zip(rest.items(), parts)}
+        masks |= _global_masks(rest, sparsity, min_density)
     return {n: masks[n] for n in weights}
 
 
-def layer_targets(model: nn.Module, sparsity: float, scope: Scope,
+def layer_targets(layers: Iterable[str], sparsity: float, scope: Scope,
                   layer_sparsity: Mapping[str, float] | None = None) -> dict[str, float | None]:
-    """The target sparsity of every conv/linear layer: its own from ``layer_sparsity``, else
+    """The target sparsity of every pruned layer: its own from ``layer_sparsity``, else
     ``sparsity`` (``layer`` scope), or None where the layer is under the one ``global`` threshold."""
-    own = check_layer_sparsity(layer_sparsity, prunable_layers(model))
+    names = list(layers)
+    own = check_layer_sparsity(layer_sparsity, names)
     default = check_sparsity(sparsity) if scope == "layer" else None
-    return {n: own.get(n, default) for n in prunable_layers(model)}
+    return {n: own.get(n, default) for n in names}
 
 
 class Mask(nn.Module):
@@ -113,19 +142,55 @@ def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.mask.bool() for n, p in with_parametrization(model, Mask).items()}
 
 
-class PruningCallback(pl.Callback):
-    """Magnitude-prune every conv/linear weight to ``sparsity`` on a linear cumulative ramp.
+def install_masks(model: nn.Module, layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
+    """Put a :class:`Mask` on the weight of every layer in ``layers``: its entry of ``masks``
+    (True = kept), else all ones; ``ValueError`` for a mask of the wrong shape."""
+    for name, m in layers.items():
+        mask = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
+        if mask.shape != m.weight.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(m.weight.shape)}")
+        parametrize.register_parametrization(m, "weight", Mask(mask.to(m.weight.device)))
+
+
+class KeepMasks(pl.Callback):
+    """Keep the zeros of earlier pruning while a later stage trains: a fixed :class:`Mask` on
+    each layer ``masks`` names (installed in ``setup``, once)."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+        self.masks = dict(masks)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = network(pl_module)
+        if not with_parametrization(model, Mask):
+            modules = dict(model.named_modules())
+            missing = [n for n in self.masks if n not in modules]
+            if missing:
+                raise ValueError(f"the model's masks name {missing[0]!r}, which {type(model).__name__} does not have")
+            install_masks(model, {n: modules[n] for n in self.masks}, self.masks)
+
+
+class PruningCallback(Method):
+    """Magnitude pruning of the selected weights to ``sparsity`` on a linear cumulative ramp.
 
     Args:
-        sparsity: target fraction of zero weights, in [0, 1). 0 with ``masks`` just keeps them.
+        sparsity: target fraction of zero weights, in [0, 1).
         scope: ``"layer"`` (each layer reaches ``sparsity``) or ``"global"`` (one threshold).
         ramp_epochs: prune at the end of each of the first ``ramp_epochs`` epochs, to
             ``sparsity * epoch / ramp_epochs``; 0 prunes once, at setup (one-shot).
         masks: masks to start from (True = kept), e.g. from a pruned checkpoint; these
             weights stay pruned whatever the schedule says.
-        layer_sparsity: targets of single layers (name -> sparsity), on the same ramp; the
-            layers not named keep ``sparsity`` and ``scope``.
+        layer_sparsity: targets of single layers (name or ``re:`` pattern -> sparsity), on the
+            same ramp; the layers not named keep ``sparsity`` and ``scope``.
+        method: its label in run dirs and reports (``oneshot``, ``iterative``, ``global``);
+            ``oneshot`` must have ``ramp_epochs=0``, the others a ramp.
+        epochs: fine-tuning epochs of the stage (the ramp must fit in them).
+        layers: which layers it prunes (see :mod:`compress.selection`); null entries: the
+            model's default (every conv/linear weight).
+        min_density: ``global`` scope: the fewest weights (fraction) a layer keeps, so pruning
+            never empties a layer.
     """
+
+    stage = "prune"
 
     def __init__(
         self,
@@ -134,16 +199,60 @@ class PruningCallback(pl.Callback):
         ramp_epochs: int = 0,
         masks: Mapping[str, torch.Tensor] | None = None,
         layer_sparsity: Mapping[str, float] | None = None,
+        method: str | None = None,
+        epochs: int = 0,
+        layers: Mapping[str, Any] | None = None,
+        min_density: float = 0.001,
     ) -> None:
+        super().__init__(epochs)
         self.sparsity = check_sparsity(sparsity)
-        self.layer_sparsity = {str(n): check_sparsity(s, f"prune.layer_sparsity.{n}")
+        if layer_sparsity is not None and not isinstance(layer_sparsity, Mapping):
+            raise ValueError(f"prune.layer_sparsity={layer_sparsity!r} is not allowed: use a map of layer name "
+                             "(or re: pattern) to sparsity")
+        self.layer_patterns = {str(n): check_sparsity(s, f"prune.layer_sparsity.{n}")
                                for n, s in (layer_sparsity or {}).items()}
+        self.layer_sparsity: dict[str, float] = dict(self.layer_patterns)  # by layer name once installed
         if scope not in ("layer", "global"):
             raise ValueError(f"prune scope {scope!r} is not allowed: use 'layer' or 'global'")
-        if not isinstance(ramp_epochs, int) or ramp_epochs < 0:
+        if not isinstance(ramp_epochs, int) or isinstance(ramp_epochs, bool) or ramp_epochs < 0:
             raise ValueError(f"prune.ramp_epochs={ramp_epochs!r} is not allowed: use an integer >= 0")
-        self.scope, self.ramp_epochs = scope, ramp_epochs
+        if isinstance(min_density, bool) or not isinstance(min_density, (int, float)) or not 0 <= min_density <= 1:
+            raise ValueError(f"prune.min_density={min_density!r} is not allowed: use a number in [0, 1]")
+        self.method = method or ("oneshot" if ramp_epochs == 0 else scope)
+        if self.method == "oneshot" and ramp_epochs != 0:
+            raise ValueError(f"prune.ramp_epochs={ramp_epochs} is not allowed for prune=oneshot (it prunes once, at "
+                             "the start): use prune=iterative for a ramp")
+        if method is not None and self.method != "oneshot" and ramp_epochs == 0:
+            raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={self.method}: use prune=oneshot")
+        if method is not None and ramp_epochs > self.epochs:
+            raise ValueError(f"prune.ramp_epochs={ramp_epochs} is longer than prune.epochs={self.epochs}: the target "
+                             "sparsity would never be reached (lower prune.ramp_epochs or raise trainer.max_epochs)")
+        self.scope, self.ramp_epochs, self.min_density = scope, ramp_epochs, float(min_density)
+        self.layers_cfg = layers
         self.initial_masks = dict(masks or {})
+
+    def selected(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers it prunes in ``model``; ``ValueError`` if none, or a pattern matches none."""
+        layers = select_layers(model, "prune", self.layers_cfg)
+        if not layers:
+            raise ValueError(f"prune={self.method} found nothing to prune in {type(model).__name__}: "
+                             "widen prune.layers (types, include, exclude)")
+        return layers
+
+    def prepare(self, model: nn.Module) -> None:
+        self.layer_sparsity = check_layer_sparsity(self.layer_patterns, self.selected(model))
+
+    def callbacks(self, masks: Mapping[str, torch.Tensor]) -> list[pl.Callback]:
+        self.initial_masks = dict(masks)
+        return [self]
+
+    def choices(self) -> dict[str, Any]:
+        return {"prune": self.method}
+
+    def record(self, model: nn.Module) -> dict[str, Any]:
+        """Its label and the target sparsity of every layer it pruned (None: under the global threshold)."""
+        return {"method": self.method, "scope": self.scope, "sparsity": self.sparsity,
+                "layer_sparsity": layer_targets(self.selected(model), self.sparsity, self.scope, self.layer_sparsity)}
 
     def _ramped(self, target: float, epochs_done: int) -> float:
         if self.ramp_epochs == 0:
@@ -175,21 +284,18 @@ class PruningCallback(pl.Callback):
             self.prune(network(pl_module), self.sparsity_after(done), self.layer_sparsity_after(done))
 
     def install(self, model: nn.Module) -> None:
-        """Put a :class:`Mask` on every conv/linear weight and apply the epoch-0 target."""
-        check_layer_sparsity(self.layer_sparsity, prunable_layers(model))
-        for name, m in prunable_layers(model).items():
-            mask = self.initial_masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
-            if mask.shape != m.weight.shape:
-                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(m.weight.shape)}")
-            parametrize.register_parametrization(m, "weight", Mask(mask.to(m.weight.device)))
+        """Put a :class:`Mask` on every selected weight and apply the epoch-0 target."""
+        self.prepare(model)
+        install_masks(model, self.selected(model), self.initial_masks)
         self.prune(model, self.sparsity_after(0), self.layer_sparsity_after(0))
 
     @torch.no_grad()
     def prune(self, model: nn.Module, sparsity: float, layer_sparsity: Mapping[str, float] | None = None) -> None:
         """Recompute the masks from the current (masked) weights' magnitudes: ``sparsity`` (and
         each named layer's own ``layer_sparsity``) of all weights."""
-        layers = prunable_layers(model)
-        masks = magnitude_masks({n: m.weight for n, m in layers.items()}, sparsity, self.scope, layer_sparsity)
+        layers = self.selected(model)
+        masks = magnitude_masks({n: m.weight for n, m in layers.items()}, sparsity, self.scope, layer_sparsity,
+                                self.min_density)
         for name, m in layers.items():
             weight_parametrization(m, Mask).mask.mul_(masks[name])
 

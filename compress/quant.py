@@ -31,15 +31,20 @@ updates ``conv.parametrizations.weight.original``. Removing it bakes the quantiz
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.layers import Quantizer, bake, baked_grid, block_convs, check_layer_map, network, with_parametrization
+from compress.actquant import ActivationQuantCallback, check_abits, has_activation_slots
+from compress.batchnorm import BatchNormRecalibration
+from compress.layers import Quantizer, bake, baked_grid, check_layer_map, network, quantized_layers, with_parametrization
 from compress.lsq import LearnedFakeQuant
+from compress.methods import Method, check_count
+from compress.prune import KeepMasks
+from compress.selection import select_layers
 
 Mode = Literal["sym", "asym"]
 MODES: tuple[str, ...] = ("sym", "asym")
@@ -58,15 +63,16 @@ def check_nbits(nbits: object, key: str = "nbits") -> int:
 
 
 def check_layer_nbits(layer_nbits: object, layers: Iterable[str]) -> dict[str, int]:
-    """``quant.layer_nbits`` as ``{block conv: nbits}``; ``ValueError`` naming an unknown layer
-    (with the valid ``layers``, the quantized block convs) or a bit width outside 2..8."""
+    """``quant.layer_nbits`` as ``{layer: nbits}``; ``ValueError`` naming a layer or pattern
+    that is not one of ``layers`` (the quantized ones, listed) or a bit width outside 2..8."""
     return check_layer_map("quant.layer_nbits", layer_nbits, layers, check_nbits)
 
 
-def layer_widths(model: nn.Module, nbits: int, layer_nbits: Mapping[str, int] | None = None) -> dict[str, int]:
-    """The bit width of every block conv of ``model``: its own from ``layer_nbits``, else ``nbits``."""
-    own = check_layer_nbits(layer_nbits, block_convs(model))
-    return {n: own.get(n, nbits) for n in block_convs(model)}
+def layer_widths(layers: Iterable[str], nbits: int, layer_nbits: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The bit width of every quantized layer: its own from ``layer_nbits``, else ``nbits``."""
+    names = list(layers)
+    own = check_layer_nbits(layer_nbits, names)
+    return {n: own.get(n, nbits) for n in names}
 
 
 def check_mode(mode: object) -> str:
@@ -198,14 +204,14 @@ class FakeQuant(Quantizer):
         return f"mode={self.mode}, nbits={self.nbits}, clip={clip}, granularity={granularity}"
 
 
-class QuantizationCallback(pl.Callback):
-    """Fake-quantize the weights of the residual-block convolutions while training and testing.
+class QuantizationCallback(Method):
+    """Fake-quantize the weights of the selected layers while training and testing.
 
     Installs a quantizer parametrization (:class:`FakeQuant`, or with ``learn_range`` a
     :class:`compress.lsq.LearnedFakeQuant`) on every selected layer in ``setup`` (once; later
     ``setup`` calls of the same trainer are no-ops) and bakes the quantized values into plain
-    weights in :meth:`remove`. Register it *after* a pruning callback so the quantizer sees the
-    masked weights.
+    weights in :meth:`remove`. Its stage keeps earlier pruning masks first (so the quantizer sees
+    the masked weights) and adds activation quantization and BatchNorm re-estimation after it.
 
     Args:
         mode: ``"sym"`` or ``"asym"`` (see the module docstring for the formulas).
@@ -214,35 +220,84 @@ class QuantizationCallback(pl.Callback):
             range factor that minimizes the quantization error, found at install).
         granularity: ``"tensor"`` (one range per tensor) or ``"channel"`` (one per output channel).
         learn_range: train the scale (and ``asym`` offset), initialized from the range above.
-        layer_nbits: bit widths of single block convs (name -> nbits); the others take ``nbits``.
+        layer_nbits: bit widths of single layers (name or ``re:`` pattern -> nbits); the others take ``nbits``.
+        abits: activation bits after the ReLUs feeding the CIFAR ResNets' block convs (None: weights only).
+        bn_recalibration: > 0: re-estimate BatchNorm statistics on this many training images once quantized.
+        epochs: fine-tuning epochs of the stage.
+        layers: which layers it quantizes (see :mod:`compress.selection`); null entries: the
+            model's default (the CIFAR ResNets: the block convs; other models: every conv/linear
+            but the first and the last).
     """
 
+    stage = "quant"
+
     def __init__(self, mode: Mode, nbits: int, clip: str = "minmax", granularity: str = "tensor",
-                 learn_range: bool = False, layer_nbits: Mapping[str, int] | None = None) -> None:
+                 learn_range: bool = False, layer_nbits: Mapping[str, int] | None = None, abits: int | None = None,
+                 bn_recalibration: int = 0, epochs: int = 0, layers: Mapping[str, Any] | None = None) -> None:
+        super().__init__(epochs)
         self.mode, self.nbits, self.clip = check_mode(mode), check_nbits(nbits), check_clip(clip)
         self.channel = check_granularity(granularity) == "channel"
         self.learn_range = check_learn_range(learn_range)
-        self.layer_nbits = {str(n): check_nbits(b, f"quant.layer_nbits.{n}") for n, b in (layer_nbits or {}).items()}
+        if layer_nbits is not None and not isinstance(layer_nbits, Mapping):
+            raise ValueError(f"quant.layer_nbits={layer_nbits!r} is not allowed: use a map of layer name (or re: "
+                             "pattern) to bit width")
+        self.layer_patterns = {str(n): check_nbits(b, f"quant.layer_nbits.{n}") for n, b in (layer_nbits or {}).items()}
+        self.abits = check_abits(abits)
+        self.bn_recalibration = check_count("quant.bn_recalibration", bn_recalibration)
+        self.layers_cfg = layers
+
+    @property
+    def layer_nbits(self) -> dict[str, int]:
+        """The bit widths of single layers or patterns, as configured."""
+        return self.layer_patterns
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.install(network(pl_module))
 
     def check(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers this callback would quantize; ``ValueError`` if there are none."""
-        layers = block_convs(model)
+        layers = select_layers(model, "quant", self.layers_cfg)
         if not layers:
-            raise ValueError(
-                f"quant={self.mode} found nothing to quantize: {type(model).__name__} has no "
-                "convolutions inside residual blocks"
-            )
+            raise ValueError(f"quant={self.mode} found nothing to quantize in {type(model).__name__}: "
+                             "widen quant.layers (types, include, exclude, keep_first, keep_last)")
         return layers
 
+    def prepare(self, model: nn.Module) -> None:
+        layers = self.check(model)
+        check_layer_nbits(self.layer_patterns, layers)
+        if self.abits is not None and not has_activation_slots(model):
+            raise ValueError(f"quant.abits={self.abits} needs the activation slots of the CIFAR ResNets' blocks, "
+                             f"which {type(model).__name__} does not have: use quant.abits=null")
+
+    def widths(self, model: nn.Module) -> dict[str, int]:
+        """The bit width of every layer it quantizes in ``model``."""
+        return layer_widths(self.check(model), self.nbits, self.layer_patterns)
+
+    def callbacks(self, masks: Mapping[str, torch.Tensor]) -> list[pl.Callback]:
+        """Masks kept, weight (and activation) fake quantization, then BatchNorm re-estimation if asked for."""
+        keep = [KeepMasks(masks)] if masks else []
+        activations = [ActivationQuantCallback(self.abits, self.learn_range)] if self.abits else []
+        recalibrate = [BatchNormRecalibration(self.bn_recalibration)] if self.bn_recalibration else []
+        return [*keep, self, *activations, *recalibrate]
+
+    def choices(self) -> dict[str, Any]:
+        return {"quant": self.mode, "nbits": self.nbits, "abits": self.abits,
+                "granularity": "channel" if self.channel else "tensor"}
+
+    def record(self, model: nn.Module) -> dict[str, Any]:
+        """What ``model.pt``'s meta and ``model.cpk`` need: mode, bit widths, grids of the baked layers."""
+        widths = check_layer_nbits(self.layer_patterns, self.check(model))  # patterns resolved to layer names
+        own = {"layer_nbits": widths} if widths else {}
+        abits = {"abits": self.abits} if self.abits else {}
+        return {"mode": self.mode, "nbits": self.nbits, "granularity": "channel" if self.channel else "tensor",
+                "grids": baked_grids(model), **own, **abits}
+
     def install(self, model: nn.Module) -> None:
-        """Parametrize the block convolutions of ``model`` (no-op if already done)."""
+        """Parametrize the selected layers of ``model`` (no-op if already done)."""
         if with_parametrization(model, Quantizer):
             return
         layers = self.check(model)
-        widths = layer_widths(model, self.nbits, self.layer_nbits)
+        widths = layer_widths(layers, self.nbits, self.layer_patterns)
         for name, m in layers.items():
             parametrize.register_parametrization(m, "weight", self.quantizer(m.weight.detach(), widths[name]))
 
@@ -262,8 +317,8 @@ class QuantizationCallback(pl.Callback):
 
 
 def baked_grids(model: nn.Module) -> dict[str, dict[str, list[float]]]:
-    """The ``(scale, offset)`` every baked block conv was quantized with (one each, or one per
-    output channel), by weight name: what ``compress.export`` stores the codes with."""
-    grids = {f"{n}.weight": baked_grid(m) for n, m in block_convs(model).items()}
+    """The ``(scale, offset)`` every baked quantized layer was quantized with (one each, or one
+    per output channel), by weight name: what ``compress.export`` stores the codes with."""
+    grids = {f"{n}.weight": baked_grid(m) for n, m in quantized_layers(model).items()}
     return {n: {"scale": g[0].flatten().tolist(), "offset": g[1].flatten().tolist()}
             for n, g in grids.items() if g is not None}

@@ -47,7 +47,7 @@ from torch import nn
 
 from compress.checkpoint import apply_checkpoint, atomic_write, load_checkpoint
 from compress.data import load_split, normalize, resolve_eval_batch, split_mask
-from compress.layers import block_convs, prunable_layers
+from compress.layers import quantizable_layers, prunable_layers
 from compress.models import ResNet
 from compress.progress import duration
 from compress.prune import check_sparsity, magnitude_masks
@@ -82,7 +82,7 @@ def cells_of(spec: Mapping[str, Any], model: nn.Module) -> list[Cell]:
     kind = spec.get("kind")
     if kind not in KINDS:
         raise ValueError(f"sensitivity.kind={kind!r} is not allowed: use one of {', '.join(KINDS)}")
-    valid = list(prunable_layers(model) if kind == "prune" else block_convs(model))
+    valid = list(prunable_layers(model) if kind == "prune" else quantizable_layers(model))
     layers = spec.get("layers", "all")
     if layers != "all":
         names = [layers] if isinstance(layers, str) else list(layers or [])

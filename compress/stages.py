@@ -1,7 +1,8 @@
 """A run is a short list of stages, each one Lightning fit with its compression callbacks.
 
-``prune`` (magnitude pruning + fine-tuning), then ``quant`` (fake quantization + fine-tuning,
-masks kept); a run with neither is one plain ``finetune`` stage. Each stage tests the model
+One stage per configured method (:class:`compress.methods.Method`), in order: ``prune``
+(pruning + fine-tuning), then ``quant`` (fake quantization + fine-tuning, masks kept); a run
+with neither is one plain ``finetune`` stage. Each stage tests the model
 once its compression is installed ("before" fine-tuning: for a pruning ramp that is its
 first step, sparsity 0) and, when it trains, once more on
 the baked plain model ("after"), so the reported number is the saved model's.
@@ -30,18 +31,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from compress.actquant import ActivationQuantCallback
-from compress.batchnorm import BatchNormRecalibration
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.config import config_hash, digest, hashed_config
-from compress.distill import Teacher, make_teacher
 from compress.interrupt import EpochCheckpoint, Interrupted
 from compress.layers import bake
 from compress.loggers import make_loggers
+from compress.methods import Method
 from compress.module import Classifier, CompileNetwork
 from compress.progress import ProgressLog, check_progress
-from compress.prune import PruningCallback, current_masks
-from compress.quant import QuantizationCallback
+from compress.prune import KeepMasks, current_masks
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +114,17 @@ def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataMo
     """Test-set accuracy and loss, and ``images``: how many test images they are over, the first
     ones of the test split (all of them unless ``trainer.limit_test_batches`` cut the pass short)."""
     (res,) = trainer.test(module, datamodule=datamodule, verbose=False)
-    loader = trainer.test_dataloaders  # each rank tests every world_size-th image of the first batches*bs*world
-    images = min(len(loader.labels), int(trainer.num_test_batches[0]) * loader.batch_size * trainer.world_size)
+    images = int(trainer.strategy.reduce(module.tested, reduce_op="sum"))  # over every DDP rank's shard
     # Logged as float32 means; 6 decimals keep the exact count-based accuracy of 10k images.
     return {"acc": round(res["test/acc"], 6), "loss": round(res["test/loss"], 6), "images": images}
 
 
 def run_stage(
     stage: Stage, cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule,
-    out_dir: Path, teacher: Teacher | None = None,
+    out_dir: Path, extra: list[pl.Callback] | None = None,
 ) -> tuple[StageResult, dict[str, torch.Tensor]]:
-    """Fine-tune ``model`` in place with the stage's callbacks (distilling from ``teacher`` if
-    given); bake it; return the result and its masks.
+    """Fine-tune ``model`` in place with the stage's callbacks and the run's ``extra`` ones
+    (distillation); bake it; return the result and its masks.
 
     Every epoch ends with ``<out_dir>/checkpoints/<stage>-<config hash>/last.ckpt``; a stage
     that finds one (the same config was killed there) resumes from it. It is deleted once the
@@ -135,12 +132,12 @@ def run_stage(
     """
     t0 = time.time()
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
-    module = Classifier(model, teacher=teacher, **cfg.optim)
+    module = Classifier(model, **cfg.optim)
     history = History()
     ckpt_dir = out_dir / "checkpoints" / f"{stage.name}-{config_hash(cfg)}"
     compiling = [CompileNetwork()] if cfg.compile else []
-    trainer = make_trainer(cfg, stage.epochs, [*stage.callbacks(masks), *compiling, history, EpochCheckpoint(ckpt_dir)],
-                           out_dir, stage.name)
+    callbacks = [*stage.callbacks(masks), *(extra or []), *compiling, history, EpochCheckpoint(ckpt_dir)]
+    trainer = make_trainer(cfg, stage.epochs, callbacks, out_dir, stage.name)
     last = ckpt_dir / "last.ckpt"
     try:
         before = test(trainer, module, datamodule)
@@ -162,32 +159,13 @@ def run_stage(
     return result, masks
 
 
-def plan(cfg: DictConfig, pretrained_id: str) -> list[Stage]:
-    """The stages ``cfg`` asks for, in order."""
-    prune, quant = cfg.prune, cfg.quant
-    stages = []
-    if prune.method != "none":
-        stages.append(Stage(
-            "prune",
-            prune.epochs,
-            lambda m: [PruningCallback(prune.sparsity, prune.scope, prune.ramp_epochs, masks=m,
-                                       layer_sparsity=prune.layer_sparsity)],
-            cache_key=stage_key(cfg, pretrained_id),
-        ))
-    keep = lambda m: [PruningCallback(0.0, masks=m)] if m else []  # noqa: E731 - keeps a loaded model's zeros
-    if quant.mode != "none":
-        def quant_callbacks(m: dict[str, torch.Tensor]) -> list[pl.Callback]:
-            """Masks kept, weight (and activation) fake quantization, then BatchNorm re-estimation if asked for."""
-            recalibrate = [BatchNormRecalibration(quant.bn_recalibration)] if quant.bn_recalibration else []
-            quantize = QuantizationCallback(quant.mode, cfg.nbits, quant.clip, quant.granularity, quant.learn_range,
-                                            quant.layer_nbits)
-            activations = [ActivationQuantCallback(quant.abits, quant.learn_range)] if quant.abits else []
-            return [*keep(m), quantize, *activations, *recalibrate]
-
-        stages.append(Stage("quant", quant.epochs, quant_callbacks))
-    if not stages:
-        stages.append(Stage("finetune", cfg.trainer.max_epochs, keep))
-    return stages
+def plan(cfg: DictConfig, methods: list[Method], pretrained_id: str) -> list[Stage]:
+    """The stages of ``methods`` in order, one each (the pruning stage cached under
+    :func:`stage_key`); with none, one plain ``finetune`` stage keeping a loaded model's zeros."""
+    stages = [Stage(m.stage, m.epochs, m.callbacks, cache_key=stage_key(cfg, pretrained_id) if m.stage == "prune" else None)
+              for m in methods]
+    keep = lambda m: [KeepMasks(m)] if m else []  # noqa: E731
+    return stages or [Stage("finetune", cfg.trainer.max_epochs, keep)]
 
 
 def stage_key(cfg: DictConfig, pretrained_id: str) -> str:
@@ -243,14 +221,13 @@ class StageCache:
 
 def run_stages(
     cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule,
-    out_dir: Path, pretrained_id: str,
+    out_dir: Path, pretrained_id: str, methods: list[Method], extra: list[pl.Callback],
 ) -> tuple[list[StageResult], dict[str, torch.Tensor]]:
-    """Run (or reuse) every stage of ``plan(cfg)`` on ``model`` (as loaded: the teacher of
-    ``distill=kd`` is a copy of it); returns results and final masks."""
+    """Run (or reuse) the stage of each of ``methods`` on ``model``, with the ``extra``
+    callbacks (distillation) in every stage; returns results and final masks."""
     results = []
-    teacher = make_teacher(cfg.distill, model)
-    for stage in plan(cfg, pretrained_id):
-        compute = lambda s=stage, m=masks: run_stage(s, cfg, model, m, datamodule, out_dir, teacher)  # noqa: E731
+    for stage in plan(cfg, methods, pretrained_id):
+        compute = lambda s=stage, m=masks: run_stage(s, cfg, model, m, datamodule, out_dir, extra)  # noqa: E731
         if stage.cache_key:
             result, masks = StageCache(cfg.stage_cache).run(stage, compute, model)
         else:

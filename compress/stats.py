@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.layers import block_convs, prunable_layers
+from compress.layers import prunable_layers, quantized_layers
 
 
 def sparsity(model: nn.Module) -> dict[str, Any]:
@@ -23,19 +23,19 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
 
 
 def distinct_values(model: nn.Module) -> dict[str, int]:
-    """Number of distinct nonzero weight values in each residual-block convolution."""
+    """Number of distinct nonzero weight values in each quantized (baked) layer."""
     out = {}
-    for name, m in block_convs(model).items():
+    for name, m in quantized_layers(model).items():
         w = m.weight.detach()
         out[name] = int(torch.unique(w[w != 0]).numel())
     return out
 
 
 def distinct_values_per_channel(model: nn.Module) -> dict[str, int]:
-    """The most distinct nonzero weight values of any output channel, per residual-block
-    convolution (at most ``2^nbits`` for per-channel as for per-tensor quantization)."""
+    """The most distinct nonzero weight values of any output channel, per quantized (baked)
+    layer (at most ``2^nbits`` for per-channel as for per-tensor quantization)."""
     out = {}
-    for name, m in block_convs(model).items():
+    for name, m in quantized_layers(model).items():
         w = m.weight.detach()
         out[name] = max(int(torch.unique(c[c != 0]).numel()) for c in w)
     return out

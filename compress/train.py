@@ -23,17 +23,20 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+
+import pytorch_lightning as pl
+from torch import nn
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
 from compress.config import config_hash, validate
 from compress.export import save as save_artifact
+from compress.inputs import build_data, check_outputs, describe
 from compress.interrupt import Interrupted, stop_on_signals
+from compress.methods import Method, build
+from compress.models.net import build_net
 from compress.progress import duration
-from compress.prune import layer_targets
-from compress.quant import QuantizationCallback, baked_grids, layer_widths
 from compress import sensitivity
 from compress.stages import run_stages
 from compress.stats import distinct_values, distinct_values_per_channel, sparsity
@@ -71,6 +74,14 @@ def start(cfg: DictConfig, result: Path) -> str | None:
     return digest
 
 
+def build_methods(cfg: DictConfig) -> tuple[list[Method], list[pl.Callback]]:
+    """The compression methods ``prune`` and ``quant`` configure (those with a ``_target_``, in
+    that order), and the callbacks of every stage (``distill``'s); each checks its own arguments."""
+    methods = [build(cfg[g], g) for g in ("prune", "quant") if "_target_" in cfg[g]]
+    extra = [build(cfg.distill, "distill")] if "_target_" in cfg.distill else []
+    return methods, extra
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     """Run one configured job into ``out_dir``; returns its metrics (None if skipped, or on a
     DDP rank other than 0)."""
@@ -81,48 +92,64 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         return None
     if not cfg.resume:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    model = instantiate(cfg.model.net)
-    quantized = cfg.quant.mode != "none"
-    if quantized:
-        QuantizationCallback(cfg.quant.mode, cfg.nbits).check(model)
-    datamodule = instantiate(cfg.data)
-    datamodule.check()
-    ckpt = load_checkpoint(cfg.model.pretrained)
-    apply_checkpoint(model, ckpt, cfg.model.pretrained)
+    methods, extra = build_methods(cfg)
+    datamodule = build_data(cfg.data)
+    data = describe(datamodule, cfg.data)
+    model = build_net(cfg.model.net)
+    check_outputs(model, data)
+    ckpt = Checkpoint({}) if cfg.model.pretrained is None else load_checkpoint(cfg.model.pretrained)
+    if cfg.model.pretrained is not None:
+        apply_checkpoint(model, ckpt, cfg.model.pretrained)
+    for method in [*methods, *extra]:
+        method.prepare(model)
     torch.set_float32_matmul_precision("high")
 
-    results, masks = run_stages(cfg, model, ckpt.masks, datamodule, out_dir, source_id(cfg.model.pretrained))
+    pretrained_id = "none" if cfg.model.pretrained is None else source_id(cfg.model.pretrained)
+    results, masks = run_stages(cfg, model, ckpt.masks, datamodule, out_dir, pretrained_id, methods, extra)
     if rank_zero_only.rank != 0:  # DDP: the other ranks computed the same model; rank 0 writes it
         return None
-    final = results[-1]
-    distinct = distinct_values(model) if quantized else {}
-    per_channel = distinct_values_per_channel(model) if quantized else {}
-    granularity = cfg.quant.granularity if quantized else None
-    widths = layer_widths(model, cfg.nbits, cfg.quant.layer_nbits) if quantized else {}
-    own_widths = {"layer_nbits": dict(cfg.quant.layer_nbits)} if quantized and cfg.quant.layer_nbits else {}
-    pruned = cfg.prune.method != "none"
-    targets = layer_targets(model, cfg.prune.sparsity, cfg.prune.scope, cfg.prune.layer_sparsity) if pruned else {}
-    abits = {"abits": cfg.quant.abits} if quantized and cfg.quant.abits else {}
-    meta = {"quant": {"mode": cfg.quant.mode, "nbits": cfg.nbits, "granularity": granularity,
-                      "grids": baked_grids(model), **own_widths, **abits} if quantized else None,
+    records = {m.stage: m.record(model) for m in methods}
+    meta = {"quant": records.get("quant"), "net": OmegaConf.to_container(cfg.model.net, resolve=True), "data": data,
             "config": OmegaConf.to_yaml(cfg, resolve=True)}
     save_checkpoint(out_dir / "model.pt", model, masks, meta)
-    size = save_artifact(Checkpoint(model.state_dict(), masks, meta), out_dir / "model.cpk", cfg.export_fp_dtype)
+    try:
+        metrics = finish(cfg, digest, model, masks, methods, records, results, meta, out_dir, t0)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise LateError(f"the trained model is saved in {out_dir / 'model.pt'}, but writing its results failed "
+                        f"({type(e).__name__}: {e}); fix that and run the same command again to finish") from e
+    log.info("done in %s: test acc %.4f (before fine-tuning %.4f); results in %s", duration(metrics["wall_time_s"]),
+             metrics["test_acc"], results[-1].before["acc"], out_dir)
+    return metrics
 
+
+class LateError(ValueError):
+    """A failure after the model was trained and saved: the message says where it is."""
+
+
+def finish(cfg: DictConfig, digest: str, model: nn.Module, masks: dict[str, torch.Tensor], methods: list[Method],
+           records: dict[str, Any], results: list[Any], meta: dict[str, Any], out_dir: Path, t0: float) -> dict[str, Any]:
+    """Write ``model.cpk`` and, last and atomically, ``metrics.json`` of a finished run; its metrics."""
+    size = save_artifact(Checkpoint(model.state_dict(), masks, meta), out_dir / "model.cpk",
+                         cfg.export_fp_dtype)
+    final = results[-1]
+    quantized = "quant" in records
+    distinct = distinct_values(model) if quantized else {}
+    per_channel = distinct_values_per_channel(model) if quantized else {}
+    quant = next((m for m in methods if m.stage == "quant"), None)
+    choices = {"prune": "none", "quant": "none", "nbits": None, "abits": None, "granularity": None}
+    for m in methods:
+        choices |= m.choices()
     metrics = {
         "config_hash": digest,
-        "choices": {"prune": cfg.prune.method, "quant": cfg.quant.mode, "nbits": cfg.nbits if quantized else None,
-                    "abits": cfg.quant.abits if quantized else None,
-                    "granularity": granularity,
-                    "name": cfg.name, "seed": cfg.seed, "model": cfg.model.name},
+        "choices": {**choices, "name": cfg.name, "seed": cfg.seed, "model": cfg.model.name},
         "before_ft": final.before,
         "after_ft": final.after,
         "test_acc": (final.after or final.before)["acc"],
         "test_loss": (final.after or final.before)["loss"],
         "test_images": (final.after or final.before).get("images"),  # None: a cached stage from before the field
         "sparsity": sparsity(model),
-        "layer_sparsity": targets,  # target per layer (null: under the global threshold)
-        "layer_nbits": widths,
+        "layer_sparsity": (records.get("prune") or {}).get("layer_sparsity", {}),  # target per layer (null: global threshold)
+        "layer_nbits": quant.widths(model) if quant else {},
         "quantized_tensors": len(distinct),
         "max_distinct_values": max(distinct.values(), default=None),
         "distinct_values": distinct,
@@ -130,15 +157,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         "distinct_values_per_channel": per_channel,
         **{k: size[k] for k in ("fp32_bytes", "compressed_bytes", "ratio", "bits_per_weight")},
         "size": size,
+        "methods": {stage: {k: v for k, v in r.items() if k != "grids"} for stage, r in records.items()},
+        "data": meta["data"],
         "stages": [vars(r) for r in results],
         "wall_time_s": time.time() - t0 + sum(r.resumed_s for r in results if not r.cached),  # + interrupted runs
         "hardware": hardware(cfg.trainer.accelerator),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    atomic_write(out_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # stale ones of other configs, if any
-    log.info("done in %s: test acc %.4f (before fine-tuning %.4f); results in %s", duration(metrics["wall_time_s"]),
-             metrics["test_acc"], final.before["acc"], out_dir)
     return metrics
 
 
@@ -187,8 +214,9 @@ def main(cfg: DictConfig) -> tuple[float, int] | None:
 
 def discard_failed(out_dir: Path) -> None:
     """Remove the run dir of a single run that failed before it had anything to keep (no
-    metrics.json, no checkpoint to resume from), so no empty run dir is left behind."""
-    if not (out_dir / "metrics.json").exists() and not any((out_dir / "checkpoints").glob("*/last.ckpt")):
+    metrics.json, no trained model.pt, no checkpoint to resume from), so no empty run dir is left behind."""
+    keep = [out_dir / "metrics.json", out_dir / "model.pt"]
+    if not any(p.exists() for p in keep) and not any((out_dir / "checkpoints").glob("*/last.ckpt")):
         logging.shutdown()  # closes train.log
         shutil.rmtree(out_dir, ignore_errors=True)
 

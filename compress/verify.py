@@ -1,9 +1,13 @@
 """Re-check published runs from their artifacts: ``python -m compress.verify multirun/published/full``.
 
 For every run dir under the given paths (a dir holding ``metrics.json``) it rebuilds the model
-from the packed ``model.cpk``, evaluates it in fp32 on the CIFAR-10 test set read straight from
-the official pickle files (``$COMPRESS_DATA`` or ``--data``; no code of the training pipeline),
-and checks it against the run's ``metrics.json``:
+from the packed ``model.cpk``, evaluates it in fp32 on its test set, and checks it against the
+run's ``metrics.json``. A CIFAR-10 run (``data._target_: compress.data.CIFAR10Data``, every
+published run) is tested on the CIFAR-10 test set read straight from the official pickle file
+(``--data`` or ``$COMPRESS_DATA``; no code of the training pipeline); any other run
+(``data=cifar100``, ``data=imagefolder``, a user's datamodule, importable from ``PYTHONPATH``)
+on the test set its own data config builds (:func:`test_tensors`; root: ``--data`` if given,
+else the config's). Checked:
 
 - test accuracy within ``--tol`` (default 0.001), on the test images the run tested on (all,
   or the seeded half of ``data.test_split``); a run that tested on fewer batches
@@ -27,6 +31,7 @@ One line per run, then a summary; exit 1 if any run fails a check, 2 on bad inpu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pickle
@@ -38,14 +43,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.data import split_mask
+from compress.data import InMemoryData, concat_batches, normalize, split_mask
 from compress.export import load
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the checkpoint's normalization
 LAYER_WISE = ("oneshot", "iterative")
+CIFAR10_TARGET = "compress.data.CIFAR10Data"
+# Keys of our datamodules set for a test pass: every test image in file order, on the CPU.
+TEST_OVERRIDES = {"test_split": "all", "device": "cpu", "train_subset": 0}
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
 
 
-def test_set(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def test_set(root: Path, mean: Any = MEAN, std: Any = STD) -> Tensors:
     """The 10k CIFAR-10 test images (normalized float32, NCHW) and labels from ``test_batch``."""
     path = root / "cifar-10-batches-py" / "test_batch"
     if not path.is_file():
@@ -53,8 +63,67 @@ def test_set(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     with open(path, "rb") as f:
         batch = pickle.load(f, encoding="latin1")
     x = torch.from_numpy(np.asarray(batch["data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     return x, torch.tensor(batch["labels"])
+
+
+def is_cifar10(data_cfg: dict[str, Any] | None) -> bool:
+    """Whether a run's data config is CIFAR-10's (runs without one are)."""
+    return not data_cfg or data_cfg.get("_target_", CIFAR10_TARGET) == CIFAR10_TARGET
+
+
+def cifar10_root(root: str | Path | None) -> Path:
+    """The CIFAR-10 root: ``root``, else ``$COMPRESS_DATA``, else ``data/cifar10`` (not the run's own
+    ``data.root``: published runs name the machine they ran on)."""
+    return Path(root if root is not None else os.environ.get("COMPRESS_DATA", "data/cifar10")).expanduser()
+
+
+def check_importable(target: object) -> None:
+    """``ValueError`` in one line unless ``target`` (``data._target_``) names an importable class."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        found = bool(module) and hasattr(importlib.import_module(module), name)
+    except ImportError as e:
+        found, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = f"no {name!r} in module {module!r}" if module else "not a dotted module.Class path"
+    if not found:
+        raise ValueError(f"data._target_={target!r} cannot be imported ({why}): put its module on PYTHONPATH")
+
+
+def test_tensors(data_cfg: dict[str, Any], root: str | Path | None = None) -> Tensors:
+    """A run's test set, every image in file order, as normalized float32 NCHW images and int64
+    labels, from its data config (``metrics.json``'s ``config.data``); ``root`` (if not None)
+    replaces ``data.root``.
+
+    CIFAR-10 runs read the official pickle (:func:`test_set`, root: ``root`` or
+    :func:`cifar10_root`; with the config's mean/std if it has them). Any other datamodule is
+    instantiated (``hydra.utils.instantiate``; ours on the CPU, ``test_split: all``): ours read
+    and normalize their test images as their test loader does; a user's is set up for ``test``
+    and its test loader's batches are concatenated."""
+    if is_cifar10(data_cfg):
+        cfg = data_cfg or {}
+        return test_set(cifar10_root(root), cfg.get("mean", MEAN), cfg.get("std", STD))
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    check_importable(data_cfg.get("_target_"))
+    cfg = dict(data_cfg) | {k: v for k, v in TEST_OVERRIDES.items() if k in data_cfg}
+    if root is not None:
+        cfg["root"] = str(root)
+    try:
+        datamodule = instantiate(cfg)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, (ValueError, FileNotFoundError, OSError)):
+            raise cause from None
+        raise ValueError(f"data._target_={cfg['_target_']!r}: {str(e).splitlines()[0]}") from None
+    datamodule.prepare_data()
+    if isinstance(datamodule, InMemoryData):  # what its test loader yields, without reading the training set
+        x, y = datamodule.read(train=False)
+        return normalize(x, datamodule.mean, datamodule.std).contiguous(), y
+    datamodule.setup("test")
+    return concat_batches(datamodule.test_dataloader())
 
 
 @torch.inference_mode()
@@ -83,9 +152,24 @@ def layer_stats(model: nn.Module) -> tuple[dict[str, float], dict[str, int], dic
     return zeros, distinct, per_channel, total
 
 
+def run_data(run: Path) -> dict[str, Any]:
+    """The data config a run recorded in its ``metrics.json`` (empty for a run without one)."""
+    return (json.loads((run / "metrics.json").read_text()).get("config") or {}).get("data") or {}
+
+
+def data_key(data_cfg: dict[str, Any], root: Path | None) -> str:
+    """Runs with the same key test on the same tensors."""
+    if is_cifar10(data_cfg):
+        return json.dumps(["cifar10", str(cifar10_root(root)), data_cfg.get("mean", MEAN), data_cfg.get("std", STD)])
+    ours = str(data_cfg.get("_target_")).startswith("compress.data.")  # their test set depends on none of these
+    dropped = (*TEST_OVERRIDES, *(("seed", "batch_size", "eval_batch_size") if ours else ()))
+    kept = {k: v for k, v in data_cfg.items() if k not in dropped}
+    return json.dumps([kept, str(root) if root is not None else None], sort_keys=True, default=str)
+
+
 def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_half: bool = False) -> tuple[bool, str]:
-    """Re-check one run; returns (passed, a one-line summary with what failed), the summary with
-    the accuracy on the report half of the test set if ``report_half``."""
+    """Re-check one run on its full test set ``x, y``; returns (passed, a one-line summary with
+    what failed), the summary with the accuracy on the report half of the test set if ``report_half``."""
     m: dict[str, Any] = json.loads((run / "metrics.json").read_text())
     if not (run / "model.cpk").is_file():
         return False, "no model.cpk"
@@ -179,8 +263,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compress.verify", description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", type=Path, help="published reproductions or run dirs")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("COMPRESS_DATA", "data/cifar10")),
-                   help="torchvision CIFAR-10 root (default: $COMPRESS_DATA)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="data root: CIFAR-10 runs' torchvision root (default: $COMPRESS_DATA), other runs' "
+                        "data.root (default: the run's own)")
     p.add_argument("--tol", type=float, default=0.001, help="allowed |accuracy - metrics.json test_acc|")
     p.add_argument("--report-half", action="store_true",
                    help="also print each model's accuracy on the seeded report half of the test set")
@@ -189,15 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         runs = find_runs(a.paths)
         if not runs:
             raise FileNotFoundError(f"no run dir (with metrics.json) under {', '.join(map(str, a.paths))}")
-        x, y = test_set(a.data)
-    except (FileNotFoundError, OSError, ValueError) as e:
+        keys = {run: data_key(run_data(run), a.data) for run in runs}
+        tensors = {}
+        for run, key in keys.items():
+            if key not in tensors:
+                tensors[key] = test_tensors(run_data(run), a.data)
+    except (FileNotFoundError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = 0
     common = Path(os.path.commonpath([r.resolve() for r in runs])) if len(runs) > 1 else runs[0].resolve().parent
     for run in runs:
         try:
-            ok, line = check_run(run, x, y, a.tol, a.report_half)
+            ok, line = check_run(run, *tensors[keys[run]], a.tol, a.report_half)
         except (OSError, ValueError, KeyError, TypeError) as e:
             ok, line = False, f"FAIL: {type(e).__name__}: {e}"
         failed += not ok

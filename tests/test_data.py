@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.data import (MEAN, STD, EpochSeed, TensorBatches, augment, check_root, check_test_split, normalize,
-                           resolve_eval_batch, split_mask)
+from hydra.utils import instantiate
+
+from compress.data import (MEAN, STD, CIFAR10Data, EpochSeed, TensorBatches, augment, check_root, check_test_split,
+                           describe, normalize, resolve_eval_batch, split_mask)
+from conftest import Compose
 
 
 def images(n: int = 16) -> torch.Tensor:
@@ -100,3 +103,30 @@ def test_test_split_halves_are_seeded_disjoint_and_cover_the_test_set() -> None:
     for bad in ("train", "", None):
         with pytest.raises(ValueError, match=f"data.test_split={bad!r} is not allowed: use one of all, search, report"):
             check_test_split(bad)
+
+
+def test_cifar10_config_describes_its_data_and_normalizes_as_before(hydra_compose: Compose, tmp_path: Path) -> None:
+    """``data=cifar10`` says 10 classes, 32x32, the checkpoint's mean/std; normalizing with the
+    config's lists is bit for bit what the constants give."""
+    cfg = hydra_compose([f"data.root={tmp_path}"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, CIFAR10Data) and (dm.num_classes, dm.mean, dm.std, dm.image_size) == (10, MEAN, STD, 32)
+    assert describe(dm) == {"num_classes": 10, "mean": list(MEAN), "std": list(STD), "image_size": 32}
+    assert dm.pad == 4 and not dm.download
+    x = images(8)
+    assert torch.equal(normalize(x, list(cfg.data.mean), list(cfg.data.std)), normalize(x))
+    batches = TensorBatches(x, torch.arange(8), 4, train=True, mean=cfg.data.mean, std=cfg.data.std)
+    plain = TensorBatches(x, torch.arange(8), 4, train=True)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, plain))
+
+
+def test_cifar10_rejects_another_class_count_or_size(tmp_path: Path) -> None:
+    for kw, match in (({"num_classes": 100}, "data.num_classes=100 is not allowed for CIFAR-10: it has 10 classes"),
+                      ({"image_size": 64}, "data.image_size=64 is not allowed for CIFAR-10: its images are 32x32"),
+                      ({"mean": [0.5, 0.5]}, r"data.mean=\[0.5, 0.5\] is not allowed: use 3 numbers"),
+                      ({"val_size": 1.5}, r"data.val_size=1.5 is not allowed")):
+        with pytest.raises(ValueError, match=match):
+            dm = CIFAR10Data(root=str(tmp_path), **kw)
+            dm.read = lambda train: (images(4), torch.arange(4))  # type: ignore[method-assign]
+            dm.check = lambda: None  # type: ignore[method-assign]
+            dm.setup()

@@ -11,9 +11,17 @@ from omegaconf import OmegaConf
 
 from compress.cells import recipe_of
 from compress.config import config_hash
-from compress.distill import Teacher, check_distill, kd_loss, make_teacher
+from compress.distill import DistillationCallback, Teacher, check_distill, kd_loss
 from compress.models import resnet20, resnet32
 from compress.module import Classifier
+
+
+def make_teacher(conf: dict, model: torch.nn.Module) -> Teacher:
+    """The teacher distill=kd's callback takes for ``model`` (as the pipeline prepares it)."""
+    callback = DistillationCallback(**conf)
+    callback.prepare(model)
+    assert callback.teacher is not None
+    return callback.teacher
 
 
 def test_kd_loss_is_the_scaled_kl_divergence() -> None:
@@ -26,7 +34,7 @@ def test_kd_loss_is_the_scaled_kl_divergence() -> None:
 
 
 def test_teacher_is_a_frozen_copy_outside_the_module(resnet) -> None:
-    teacher = make_teacher(OmegaConf.create({"kind": "kd", "alpha": 0.9, "temperature": 4.0}), resnet)
+    teacher = make_teacher({"kind": "kd", "alpha": 0.9, "temperature": 4.0}, resnet)
     module = Classifier(resnet, teacher=teacher)
     assert not any(k.startswith("teacher") for k in module.state_dict())
     assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in resnet.parameters())
@@ -65,7 +73,7 @@ def test_teacher_from_a_checkpoint_is_its_own_network(resnet, tmp_path: Path) ->
     torch.manual_seed(1)
     deeper = resnet32()
     torch.save({"state_dict": {"module." + k: v for k, v in deeper.state_dict().items()}}, tmp_path / "r32.th")
-    teacher = make_teacher(OmegaConf.create(kd(str(tmp_path / "r32.th"))), resnet)
+    teacher = make_teacher(kd(str(tmp_path / "r32.th")), resnet)
     assert teacher.model.arch == "resnet32" and not teacher.model.training
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -75,10 +83,21 @@ def test_teacher_from_a_checkpoint_is_its_own_network(resnet, tmp_path: Path) ->
 
 def test_teacher_that_is_no_resnet_is_named(resnet, tmp_path: Path) -> None:
     torch.save({"state_dict": {"fc.weight": torch.zeros(10, 4)}}, tmp_path / "mlp.th")
-    with pytest.raises(ValueError, match=r"distill\.teacher='.*mlp\.th' holds no CIFAR ResNet weights"):
-        make_teacher(OmegaConf.create(kd(str(tmp_path / "mlp.th"))), resnet)
+    with pytest.raises(ValueError, match=r"distill\.teacher='.*mlp\.th' holds weights this tool cannot rebuild"):
+        make_teacher(kd(str(tmp_path / "mlp.th")), resnet)
     with pytest.raises(FileNotFoundError, match=r"distill\.teacher='.*absent\.th' is not allowed: give a model name \(resnet20, "):
-        make_teacher(OmegaConf.create(kd(str(tmp_path / "absent.th"))), resnet)
+        make_teacher(kd(str(tmp_path / "absent.th")), resnet)
+
+
+def test_teacher_of_another_class_count_is_refused(resnet, tmp_path: Path) -> None:
+    torch.save({"state_dict": resnet32(num_classes=100).state_dict()}, tmp_path / "r32c100.th")
+    with pytest.raises(ValueError, match="predicts 100 classes, the student 10"):
+        make_teacher(kd(str(tmp_path / "r32c100.th")), resnet)
+
+
+def test_distillation_callback_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match=r"distill\.alpha=2 is not allowed"):
+        DistillationCallback(alpha=2)
 
 
 def test_hash_knows_the_teacher_by_its_weights(tmp_path: Path, pretrained: Path) -> None:
@@ -110,5 +129,5 @@ def test_teacher_resnet20_is_found_as_model_resnet20_finds_it(resnet, monkeypatc
     own = resnet20()  # a ResNet-20 with other weights, as $COMPRESS_PRETRAINED
     torch.save({"state_dict": own.state_dict()}, tmp_path / "mine.th")
     monkeypatch.setenv("COMPRESS_PRETRAINED", str(tmp_path / "mine.th"))
-    teacher = make_teacher(OmegaConf.create(kd("resnet20")), resnet)
+    teacher = make_teacher(kd("resnet20"), resnet)
     assert torch.equal(teacher.model.linear.weight, own.linear.weight)

@@ -30,7 +30,7 @@ from compress.export import (
     size_report,
     unpack_bits,
 )
-from compress.layers import bake, block_convs, with_parametrization
+from compress.layers import bake, quantizable_layers, with_parametrization
 from compress.lsq import LearnedFakeQuant
 from compress.models.resnet import resnet20
 from compress.prune import PruningCallback, current_masks
@@ -189,7 +189,7 @@ def test_asym_zero_off_the_grid_round_trips() -> None:
     sd = model.state_dict()
     w = sd["layer2.1.conv1.weight"]
     w.view(-1)[::5] = 0
-    for name in block_convs(model):
+    for name in quantizable_layers(model):
         sd[f"{name}.weight"] = quantize(sd[f"{name}.weight"], "asym", 4)
     ckpt = Checkpoint(sd, {}, {"quant": {"mode": "asym", "nbits": 4}})
     back = load(export(ckpt)).state_dict()
@@ -226,7 +226,7 @@ def test_per_channel_records_one_grid_per_channel_in_a_version_2_artifact(models
     per_tensor = size_report(baked(True, ("asym", 3))[1])
     report = size_report(ckpt)
     # the same codes and index; a record head of 6 + 8 * channels bytes instead of 10, and the manifest says so
-    extra = sum(8 * ckpt.state_dict[f"{n}.weight"].shape[0] - 4 for n in block_convs(resnet20()))
+    extra = sum(8 * ckpt.state_dict[f"{n}.weight"].shape[0] - 4 for n in quantizable_layers(resnet20()))
     assert report["compressed_bytes"] - per_tensor["compressed_bytes"] == pytest.approx(extra, abs=30)
 
 

@@ -9,13 +9,16 @@ import zlib
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 import torch
 from torch import nn
 
 from compress.checkpoint import Checkpoint
+from compress.models.net import build_net
+from compress.train import build_methods
 from compress.config import config_hash, validate
 from compress.export import export, load, size_report
-from compress.layers import bake, block_convs, prunable_layers
+from compress.layers import bake, quantizable_layers, prunable_layers
 from compress.models import resnet20
 from compress.prune import PruningCallback, check_layer_sparsity, layer_targets, magnitude_masks, prune_count
 from compress.quant import QuantizationCallback, baked_grids, check_layer_nbits, layer_widths
@@ -60,9 +63,9 @@ def test_pruning_ramp_takes_named_layers_along(resnet: nn.Module) -> None:
     assert int((resnet.layer2[0].conv1.weight == 0).sum()) == 0  # epoch 0 of a ramp: nothing pruned yet
     cb.prune(resnet, cb.sparsity_after(2), cb.layer_sparsity_after(2))
     assert zeros(resnet)["layer2.0.conv1"] == prune_count(0.2, resnet.layer2[0].conv1.weight.numel())
-    assert layer_targets(resnet, 0.8, "global", cb.layer_sparsity)["layer2.0.conv1"] == 0.4
-    assert layer_targets(resnet, 0.8, "global", cb.layer_sparsity)["conv1"] is None
-    assert set(layer_targets(resnet, 0.5, "layer").values()) == {0.5}
+    assert layer_targets(prunable_layers(resnet), 0.8, "global", cb.layer_sparsity)["layer2.0.conv1"] == 0.4
+    assert layer_targets(prunable_layers(resnet), 0.8, "global", cb.layer_sparsity)["conv1"] is None
+    assert set(layer_targets(prunable_layers(resnet), 0.5, "layer").values()) == {0.5}
 
 
 def test_unknown_layers_are_rejected_with_the_valid_names(resnet: nn.Module, block_names: set[str]) -> None:
@@ -72,16 +75,16 @@ def test_unknown_layers_are_rejected_with_the_valid_names(resnet: nn.Module, blo
     assert message.startswith("prune.layer_sparsity names unknown layer 'layer9.0.conv1': use one of conv1, layer1.0.conv1")
     assert message.endswith("layer3.2.conv2, linear")
     with pytest.raises(ValueError, match=r"quant.layer_nbits names unknown layer 'conv1': use one of layer1\.0\.conv1,"):
-        check_layer_nbits({"conv1": 4}, block_convs(resnet))  # the stem is not quantized
+        check_layer_nbits({"conv1": 4}, quantizable_layers(resnet))  # the stem is not quantized
     with pytest.raises(ValueError, match=r"prune.layer_sparsity.linear=1.0 is not allowed: it must be a number in \[0, 1\)"):
         check_layer_sparsity({"linear": 1.0}, prunable_layers(resnet))
     with pytest.raises(ValueError, match=r"quant.layer_nbits.layer1.0.conv1=9 is not allowed: nbits must be an integer in 2..8"):
-        check_layer_nbits({"layer1.0.conv1": 9}, block_convs(resnet))
-    with pytest.raises(ValueError, match="quant.layer_nbits=4 is not allowed: use a map of layer name to value"):
-        check_layer_nbits(4, block_convs(resnet))
+        check_layer_nbits({"layer1.0.conv1": 9}, quantizable_layers(resnet))
+    with pytest.raises(ValueError, match=r"quant.layer_nbits=4 is not allowed: use a map of layer name \(or re: pattern\) to value"):
+        check_layer_nbits(4, quantizable_layers(resnet))
     with pytest.raises(ValueError, match="names unknown layer"):
         QuantizationCallback("asym", 4, layer_nbits={"linear": 4}).install(resnet)
-    assert layer_widths(resnet, 4, MIXED) == {n: MIXED.get(n, 4) for n in sorted(block_names, key=list(block_convs(resnet)).index)}
+    assert layer_widths(quantizable_layers(resnet), 4, MIXED) == {n: MIXED.get(n, 4) for n in sorted(block_names, key=list(quantizable_layers(resnet)).index)}
 
 
 def manifest(artifact: bytes) -> dict:
@@ -127,12 +130,29 @@ def test_per_layer_options_at_their_default_keep_the_hash(hydra_compose) -> None
                                                                "quant.layer_nbits={layer1.0.conv1:2}",
                                                                "data.test_split=search")}
     assert len(other) == 3 and default not in other
-    validate(hydra_compose([*base, "quant.layer_nbits={layer1.0.conv1:2,layer3.2.conv2:6}"]))
+    prepared(hydra_compose([*base, "quant.layer_nbits={layer1.0.conv1:2,layer3.2.conv2:6}"]))
     with pytest.raises(ValueError, match="prune.layer_sparsity names unknown layer 'fc'"):
-        validate(hydra_compose([*base, "prune.layer_sparsity={fc:0.5}"]))
+        prepared(hydra_compose([*base, "prune.layer_sparsity={fc:0.5}"]))
     with pytest.raises(ValueError, match="quant.layer_nbits names unknown layer 'layer3.5.conv1'"):
-        validate(hydra_compose([*base, "model=resnet32", "quant.layer_nbits={layer3.5.conv1:2}"]))
-    validate(hydra_compose([*base, "model=resnet44", "quant.layer_nbits={layer3.5.conv1:2}"]))
+        prepared(hydra_compose([*base, "model=resnet32", "quant.layer_nbits={layer3.5.conv1:2}"]))
+    prepared(hydra_compose([*base, "model=resnet44", "quant.layer_nbits={layer3.5.conv1:2}"]))
+
+
+def prepared(cfg: DictConfig) -> None:
+    """Validate ``cfg``, build its methods and network, and let each method check the network
+    (as ``compress.train`` does before any data or training)."""
+    validate(cfg)
+    methods, extra = build_methods(cfg)
+    model = build_net(cfg.model.net)
+    for method in methods:
+        method.prepare(model)
+
+
+def test_layer_maps_take_patterns(resnet: nn.Module) -> None:
+    widths = check_layer_nbits({r"re:layer1\..*": 2, "layer1.0.conv1": 6}, quantizable_layers(resnet))
+    assert widths == {n: 6 if n == "layer1.0.conv1" else 2 for n in quantizable_layers(resnet) if n.startswith("layer1.")}
+    with pytest.raises(ValueError, match=r"prune.layer_sparsity names unknown layer 're:layer9.*': use one of conv1, "):
+        check_layer_sparsity({"re:layer9.*": 0.5}, prunable_layers(resnet))
 
 
 def test_app_rejects_an_unknown_layer_in_one_line(run_app) -> None:

@@ -19,7 +19,7 @@ from onnx import helper  # noqa: E402
 from compress.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from compress.export import main  # noqa: E402
 from compress.export.onnx_model import MAX_LOGIT_DIFF, compare, session, to_onnx  # noqa: E402
-from compress.layers import bake, block_convs  # noqa: E402
+from compress.layers import bake, quantizable_layers  # noqa: E402
 from compress.models import build  # noqa: E402
 from compress.prune import PruningCallback, current_masks  # noqa: E402
 from compress.quant import QuantizationCallback, baked_grids  # noqa: E402
@@ -82,7 +82,7 @@ def test_onnx_holds_the_weights_and_matches_pytorch(arch: str, prune: bool, quan
     model, ckpt = baked(arch, prune, quant)
     graph = to_onnx(ckpt)
     assert graph.proto.graph.name == arch
-    convs = list(block_convs(model))
+    convs = list(quantizable_layers(model))
     if quant:
         assert set(graph.coded) == {f"{n}.weight" for n in convs}
         assert graph.describe().startswith(f"{len(convs)} block convs as {CASES[arch, prune, quant]};")

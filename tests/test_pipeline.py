@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from compress.batchnorm import BatchNormRecalibration
 from compress.data import TensorBatches
-from compress.layers import bake, block_convs
+from compress.layers import bake, quantizable_layers
 from compress.module import Classifier, CompileNetwork
 from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback
@@ -56,7 +56,7 @@ def test_masks_and_quantization_compose(resnet: torch.nn.Module) -> None:
     assert zeros / sum(m.numel() for m in masks.values()) >= 0.8
     for name, mask in masks.items():
         assert torch.all(resnet.get_submodule(name).weight[~mask] == 0), name
-    for name, conv in block_convs(resnet).items():
+    for name, conv in quantizable_layers(resnet).items():
         w = conv.weight.detach()
         assert torch.unique(w[w != 0]).numel() <= 8, name
 
@@ -207,7 +207,7 @@ def test_bn_recalibration_reestimates_statistics_of_the_quantized_net_once(resne
     assert all(m.momentum == 0.1 for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)), "momentum restored"
     bake(resnet)
     for k, w in weights.items():  # BN affine and the stem/classifier untouched; block convs as quantized
-        if k.endswith(".weight") and k.removesuffix(".weight") in block_convs(resnet):
+        if k.endswith(".weight") and k.removesuffix(".weight") in quantizable_layers(resnet):
             assert torch.unique(resnet.state_dict()[k]).numel() <= 8, k
         elif not k.endswith("num_batches_tracked"):
             assert torch.equal(resnet.state_dict()[k], w), k

@@ -242,6 +242,7 @@ def test_plan_builds_configured_schedules() -> None:
     """The composed prune configs give the documented schedules (oneshot at once, iterative ramp)."""
     from hydra import compose, initialize_config_dir
 
+    from compress.methods import build
     from compress.stages import plan
 
     expected = {"oneshot": [0.8] * 21, "iterative": [min(0.08 * e, 0.8) for e in range(21)]}
@@ -249,9 +250,9 @@ def test_plan_builds_configured_schedules() -> None:
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         for method, schedule in expected.items():
             cfg = compose("config", overrides=[f"prune={method}"])
-            (stage,) = plan(cfg, "test")
+            (stage,) = plan(cfg, [build(cfg.prune, "prune")], "test")
             (cb,) = stage.callbacks({})
             assert isinstance(cb, PruningCallback)
             assert cb.scope == ("global" if method == "global" else "layer")
             assert [cb.sparsity_after(e) for e in range(21)] == pytest.approx(schedule), method
-            assert stage.epochs == 20
+            assert stage.epochs == 20 and cb.choices() == {"prune": method}

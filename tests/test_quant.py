@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.layers import bake, baked_grid, block_convs, weight_parametrization, with_parametrization
+from compress.layers import bake, baked_grid, quantizable_layers, weight_parametrization, with_parametrization
 from compress.lsq import LearnedFakeQuant
 from compress.quant import (
     CLIP_GRID, FakeQuant, QuantizationCallback, baked_grids, check_mode, check_nbits, code_range, mse_clip, quantize,
@@ -205,12 +205,12 @@ def test_callback_rejects_bad_arguments() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_install_quantizes_exactly_block_convs(resnet: nn.Module, block_names: set[str], mode: str) -> None:
+def test_install_quantizes_exactly_quantizable_layers(resnet: nn.Module, block_names: set[str], mode: str) -> None:
     cb = QuantizationCallback(mode, 4)
     cb.install(resnet)
     quantized = with_parametrization(resnet, FakeQuant)
     assert set(quantized) == block_names and len(quantized) == 18
-    assert set(block_convs(resnet)) == block_names
+    assert set(quantizable_layers(resnet)) == block_names
     assert not parametrize.is_parametrized(resnet.conv1)
     assert not parametrize.is_parametrized(resnet.linear)
     # installing twice is a no-op (no stacked quantizers)
@@ -279,7 +279,7 @@ def test_minmax_is_the_seeds_range_and_clip_validates() -> None:
 
 def test_mse_callback_installs_a_clip_per_tensor(resnet: torch.nn.Module) -> None:
     QuantizationCallback("asym", 2, "mse").install(resnet)
-    clips = {n: weight_parametrization(m, FakeQuant).clip for n, m in block_convs(resnet).items()}
+    clips = {n: weight_parametrization(m, FakeQuant).clip for n, m in quantizable_layers(resnet).items()}
     assert len(clips) == 18 and all(c < 1.0 for c in clips.values()), clips
 
 
@@ -400,7 +400,7 @@ def test_learned_range_trains_and_bakes_onto_its_recorded_grid(mode: str, channe
 
 def test_fixed_quantizers_record_their_grid_at_bake(resnet: nn.Module) -> None:
     QuantizationCallback("asym", 3, "mse", "channel").install(resnet)
-    latent = {n: m.weight.detach().clone() for n, m in block_convs(resnet).items()}
+    latent = {n: m.weight.detach().clone() for n, m in quantizable_layers(resnet).items()}
     bake(resnet)
     grids = baked_grids(resnet)
     assert set(grids) == {f"{n}.weight" for n in latent}

@@ -11,7 +11,7 @@ import torch
 
 from compress.checkpoint import load_checkpoint
 from compress.export import load
-from compress.layers import block_convs
+from compress.layers import quantizable_layers
 from compress.models import resnet20
 
 
@@ -27,7 +27,7 @@ def test_pruned_per_channel_learned_kd_run(run_app, data_root: Path, pretrained:
     ckpt = load_checkpoint(str(run / "model.pt"))
     model = resnet20()
     model.load_state_dict(ckpt.state_dict)
-    convs = block_convs(model)
+    convs = quantizable_layers(model)
     grids = ckpt.meta["quant"]["grids"]
     for name, conv in convs.items():
         w = conv.weight.detach()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compress.data import normalize
-from compress.layers import block_convs, prunable_layers
+from compress.layers import quantizable_layers, prunable_layers
 from compress.models import resnet32
 from compress.prune import PruningCallback
 from compress.quant import QuantizationCallback
@@ -33,7 +33,7 @@ def test_the_issues_grids_of_cells(resnet: nn.Module) -> None:
     prune, quant = cells_of(PRUNE, resnet), cells_of(QUANT, resnet)
     assert len(prune) == 20 * 6 and len({(c.layer, c.setting) for c in prune}) == 120
     assert {c.layer for c in prune} == set(prunable_layers(resnet))
-    assert len(quant) == 18 * 5 * 2 and {c.layer for c in quant} == set(block_convs(resnet))
+    assert len(quant) == 18 * 5 * 2 and {c.layer for c in quant} == set(quantizable_layers(resnet))
     assert {c.method for c in quant} == {"sym", "asym"} and {c.setting for c in quant} == {2, 3, 4, 5, 6}
     assert len(cells_of({**QUANT, "layers": ["layer3.2.conv2"]}, resnet)) == 10
     assert len(cells_of(PRUNE, resnet32())) == 32 * 6

@@ -4,7 +4,8 @@ write it as ONNX.
 ``python -m compress.export RUN_DIR [-o FILE] [--fp16] [--onnx FILE]`` turns
 ``RUN_DIR/model.pt`` into ``RUN_DIR/model.cpk`` and prints its size report (see ``cli``). The
 artifact reproduces the checkpoint's weights exactly (fp32 mode): :func:`load` rebuilds the
-plain network it records (ResNet-20/32/44/56) computing the same logits as the baked model.
+plain network it records (a CIFAR ResNet, or any network from the ``_target_`` config the run
+recorded) computing the same logits as the baked model.
 
 Modules, by concern:
 
@@ -41,7 +42,8 @@ What goes where in the artifact:
   ``num_batches_tracked`` and other integer buffers use the fewest bytes that hold them.
 """
 
-from compress.export.artifact import HEADER, MAGIC, SUFFIX, VERSION, VERSIONS, export, load, save, size_report
+from compress.export.artifact import (HEADER, MAGIC, SUFFIX, VERSION, VERSIONS, export, load, read_manifest, save,
+                                      size_report)
 from compress.export.bits import delta_bits, delta_decode, delta_encode, pack_bits, packed_size, unpack_bits
 from compress.export.cli import main
 from compress.export.grid import QuantSpec, dequantize, fit_grid
@@ -49,6 +51,6 @@ from compress.export.records import FP_DTYPES
 
 __all__ = [
     "FP_DTYPES", "HEADER", "MAGIC", "QuantSpec", "SUFFIX", "VERSION", "VERSIONS", "delta_bits", "delta_decode",
-    "delta_encode", "dequantize", "export", "fit_grid", "load", "main", "pack_bits", "packed_size", "save",
+    "delta_encode", "dequantize", "export", "fit_grid", "load", "main", "pack_bits", "packed_size", "read_manifest", "save",
     "size_report", "unpack_bits",
 ]

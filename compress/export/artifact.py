@@ -33,14 +33,16 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from compress.checkpoint import Checkpoint, atomic_write
 from compress.export.grid import QuantSpec
 from compress.export.records import (FP_DTYPES, LAYOUT_NAMES, QUANT_CHANNEL, Reader, Record, decode_values,
                                      encode_float, encode_int, encode_quant)
-from compress.layers import block_convs, prunable_layers
+from compress.layers import quantizable_layers, prunable_layers
 from compress.actquant import check_abits, install
 from compress.models import ARCHS, ResNet, arch_of, build
+from compress.models.net import build_net
 from compress.quant import check_granularity, check_mode, check_nbits
 
 MAGIC = b"CMPK"
@@ -73,7 +75,7 @@ def abits_of(quant: Mapping[str, Any] | None) -> int | None:
     return check_abits((quant or {}).get("abits"))
 
 
-def with_activation_quant(model: ResNet, abits: int | None) -> ResNet:
+def with_activation_quant(model: nn.Module, abits: int | None) -> nn.Module:
     """``model`` with activation quantizers in its slots if ``abits`` is set (their ranges come
     with the state dict)."""
     if abits is not None:
@@ -81,28 +83,51 @@ def with_activation_quant(model: ResNet, abits: int | None) -> ResNet:
     return model
 
 
-def reference(ckpt: Checkpoint) -> ResNet:
-    """A fresh network of the architecture the checkpoint holds (one of
-    :data:`compress.models.ARCHS`, told by its parameter names; with activation quantizers if
-    its meta says so), ``ValueError`` naming any mismatch."""
-    sd = ckpt.state_dict
-    arch = arch_of(sd)
-    if arch not in ARCHS:
-        raise ValueError(f"checkpoint is not one of the CIFAR ResNets ({', '.join(ARCHS)}): "
-                         f"{'it has no linear.weight or layer1.0.conv1.weight' if arch is None else arch}")
-    model = with_activation_quant(build(arch, int(sd["linear.weight"].shape[0])), abits_of((ckpt.meta or {}).get("quant")))
-    _check_matches(model, sd, "checkpoint")
+def network_of(state_dict: Mapping[str, torch.Tensor], net: Mapping[str, Any] | None, abits: int | None,
+               what: str, arch: str | None = None) -> nn.Module:
+    """A fresh network for ``state_dict``: the CIFAR ResNet ``arch`` (default: the one its
+    parameter names tell; with activation quantizers if ``abits``), else the one the ``net``
+    config builds; ``ValueError`` naming any mismatch (``what``: the checkpoint or the artifact)."""
+    arch = arch or arch_of(state_dict)
+    if arch in ARCHS:
+        model: nn.Module = with_activation_quant(build(arch, int(state_dict["linear.weight"].shape[0])), abits)
+    elif isinstance(net, Mapping) and net.get("_target_"):
+        model = build_net(net, f"{what} net")
+    else:
+        raise ValueError(f"{what} is not one of the CIFAR ResNets ({', '.join(ARCHS)}) and records no network "
+                         "config to rebuild it from (meta['net']: written by compress.train since it takes any model)")
+    _check_matches(model, state_dict, what)
     return model
 
 
-def _check_matches(model: ResNet, sd: Mapping[str, torch.Tensor], what: str) -> None:
+def reference(ckpt: Checkpoint) -> nn.Module:
+    """A fresh network of the architecture the checkpoint holds (a CIFAR ResNet, told by its
+    parameter names, with activation quantizers if its meta says so; else the network
+    ``meta["net"]`` configures), ``ValueError`` naming any mismatch."""
+    meta = ckpt.meta or {}
+    return network_of(ckpt.state_dict, meta.get("net"), abits_of(meta.get("quant")), "checkpoint")
+
+
+def quantized_weights(ckpt: Checkpoint, model: nn.Module) -> set[str]:
+    """The weight tensors the checkpoint's quantizer made: those with a recorded grid
+    (``meta["quant"]["grids"]``), or for checkpoints from before grids were recorded the
+    model's default quantized layers."""
+    q = (ckpt.meta or {}).get("quant")
+    if not q:
+        return set()
+    grids = q.get("grids")
+    return set(grids) if grids else {f"{n}.weight" for n in quantizable_layers(model)}
+
+
+def _check_matches(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
     """``ValueError`` naming the first missing, unexpected and misshapen tensors of ``sd``."""
     ref = model.state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     shapes = [k for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"{what} does not match {model.arch}({model.linear.out_features}): missing {missing[:3]}, "
+        name = f"{model.arch}({model.linear.out_features})" if isinstance(model, ResNet) else type(model).__name__
+        raise ValueError(f"{what} does not match {name}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
 
 
@@ -112,7 +137,7 @@ def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
         raise ValueError(f"fp_dtype={fp_dtype!r} is not allowed: use one of {', '.join(FP_DTYPES)}")
     model = reference(ckpt)
     quant, abits = quant_meta(ckpt), abits_of((ckpt.meta or {}).get("quant"))
-    quantized = {f"{n}.weight" for n in block_convs(model)} if quant else set()
+    quantized = quantized_weights(ckpt, model)
     records = []
     for name, t in ckpt.state_dict.items():
         t = t.detach().cpu()
@@ -122,9 +147,13 @@ def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
             records.append(encode_quant(name, t, quant.for_tensor(name)))
         else:
             records.append(encode_float(name, t, FP_DTYPES[fp_dtype]))
+    meta = ckpt.meta or {}
+    resnet = isinstance(model, ResNet)
     manifest = {
-        "arch": model.arch,
-        "num_classes": model.linear.out_features,
+        "arch": model.arch if resnet else None,
+        **({} if resnet else {"net": meta["net"]}),
+        **({"data": meta["data"]} if meta.get("data") else {}),
+        "num_classes": model.linear.out_features if resnet else (meta.get("data") or {}).get("num_classes"),
         "quant": {"mode": quant.mode, "nbits": quant.nbits, **({"granularity": "channel"} if quant.channel else {}),
                   **({"layer_nbits": {n.removesuffix(".weight"): b for n, b in quant.layer_nbits.items()}}
                      if quant.layer_nbits else {}),
@@ -198,25 +227,34 @@ def _decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return manifest, tensors
 
 
-def load(source: bytes | bytearray | memoryview | str | os.PathLike) -> ResNet:
+def load(source: bytes | bytearray | memoryview | str | os.PathLike) -> nn.Module:
     """Rebuild the plain network an artifact records (``manifest["arch"]``, e.g. ``resnet56``;
     artifacts written before the model family say ``resnet20``), in eval mode, from its bytes
     or file path.
 
     Raises ``ValueError`` with the reason for a corrupt, truncated or wrong-version artifact.
     """
-    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
-    manifest, tensors = _decode(data)
+    manifest, tensors = _decode(_bytes(source))
     arch = manifest.get("arch")
-    if arch not in ARCHS:
-        raise ValueError(f"artifact holds a {arch!r}, this code rebuilds {', '.join(ARCHS)}")
+    if arch is not None and arch not in ARCHS:
+        raise ValueError(f"artifact holds a {arch!r}, this code rebuilds {', '.join(ARCHS)} or a recorded network config")
     try:
-        model = with_activation_quant(build(arch, int(manifest["num_classes"])), abits_of(manifest.get("quant")))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"malformed artifact manifest: num_classes or quant ({e})") from None
-    _check_matches(model, tensors, "artifact")
+        model = network_of(tensors, manifest.get("net"), abits_of(manifest.get("quant")), "artifact", arch)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"malformed artifact manifest: net or quant ({e})") from None
     model.load_state_dict(tensors, strict=True)
     return model.eval()
+
+
+def _bytes(source: bytes | bytearray | memoryview | str | os.PathLike) -> bytes:
+    return bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+
+
+def read_manifest(source: bytes | bytearray | memoryview | str | os.PathLike) -> dict[str, Any]:
+    """What an artifact says of itself: ``arch`` or ``net`` (how to rebuild it), ``quant``,
+    ``fp_dtype``, and ``data`` (``num_classes``, ``mean``, ``std``, ``image_size``: the inputs
+    the model expects, where the run recorded them; runs from before: CIFAR-10's)."""
+    return _decode(_bytes(source))[0]
 
 
 

@@ -3,8 +3,11 @@
 Writes ``RUN_DIR/model.cpk`` (or ``-o``) from ``RUN_DIR/model.pt`` and prints its size report
 (an existing ``model.cpk``, the run's own, is kept unless ``--force``);
 with ``--onnx FILE`` also the ONNX model, whose logits onnxruntime must reproduce on the first
-``--check-images`` CIFAR-10 test images (default all 10,000; 0 skips the check). Exit status 2
-on bad input (one ``error:`` line), 1 if the onnxruntime check fails.
+``--check-images`` CIFAR-10 test images (default all 10,000; 0 skips the check). A network
+trained on another dataset (its checkpoint's data config) is checked on that dataset's test
+images (``compress.verify.test_tensors``), or where they cannot be had on at most
+:data:`RANDOM_IMAGES` random inputs of its input shape, with a note. Exit status 2 on bad
+input (one ``error:`` line), 1 if the onnxruntime check fails.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Mapping
 
 import torch
+import yaml
 
 from compress.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from compress.export.artifact import SUFFIX, reference, save, size_report
+
+CIFAR10_TARGET = "compress.data.CIFAR10Data"  # the data config's _target_ for CIFAR-10
+CIFAR10_SHAPE = (3, 32, 32)
+RANDOM_IMAGES = 256  # the most random inputs the check runs where a dataset's test images are missing
 
 
 def _resolve(source: str) -> Path:
@@ -58,16 +66,75 @@ def _onnx_module() -> ModuleType:
     return onnx_model
 
 
-def _test_images(count: int, data: str | None) -> torch.Tensor | None:
-    """The first ``count`` CIFAR-10 test images of ``data`` (None for 0)."""
+def data_config(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's data config: the ``data`` section of ``meta["config"]`` (a dict or the
+    YAML ``compress.train`` saves), else ``meta["data"]``; None for neither (older checkpoints)."""
+    meta = ckpt.meta or {}
+    config = meta.get("config")
+    if isinstance(config, str):
+        try:
+            config = yaml.safe_load(config)
+        except yaml.YAMLError:
+            config = None
+    section = config.get("data") if isinstance(config, Mapping) else None
+    section = section if isinstance(section, Mapping) else meta.get("data")
+    return dict(section) if isinstance(section, Mapping) else None
+
+
+def is_cifar10(data_cfg: Mapping[str, Any] | None) -> bool:
+    """Whether a data config (:func:`data_config`) is CIFAR-10 as :func:`compress.verify.test_set`
+    reads it: none at all (older checkpoints), or a ``_target_`` of :data:`CIFAR10_TARGET` (or
+    none: ``meta["data"]``) with, where it says them, 10 classes, 32 x 32 images and
+    ``compress.data``'s normalization."""
+    if data_cfg is None:
+        return True
+    if data_cfg.get("_target_", CIFAR10_TARGET) != CIFAR10_TARGET:
+        return False
+    from compress.data import MEAN, STD
+
+    def same(key: str, want: tuple[float, ...]) -> bool:
+        return data_cfg.get(key) is None or tuple(float(v) for v in data_cfg[key]) == want
+
+    size = data_cfg.get("image_size") or 32
+    return (data_cfg.get("num_classes") or 10) == 10 and size in (32, [32, 32], (32, 32)) \
+        and same("mean", MEAN) and same("std", STD)
+
+
+def _test_images(count: int, data: str | None, ckpt: Checkpoint) -> torch.Tensor | None:
+    """The first ``count`` test images of the checkpoint's dataset (None for 0): CIFAR-10's from
+    the root ``data`` (default ``$COMPRESS_DATA``), another dataset's from
+    ``compress.verify.test_tensors`` (root: ``data``, default the config's; or random, see
+    :func:`_other_images`)."""
     if not count:
         return None
+    cfg, shape = data_config(ckpt), _onnx_module().image_shape(ckpt)
+    if not is_cifar10(cfg) or shape != CIFAR10_SHAPE:
+        return _other_images(count, data, cfg or {}, shape)
+    data = data or os.environ.get("COMPRESS_DATA")
     if not data:
         raise ValueError("--onnx checks onnxruntime on CIFAR-10 test images: set COMPRESS_DATA or --data to a "
                          "CIFAR-10 root (or --check-images 0 to skip the check)")
     from compress.verify import test_set
 
     return test_set(Path(data))[0][:count]
+
+
+def _other_images(count: int, data: str | None, cfg: dict[str, Any], shape: tuple[int, int, int]) -> torch.Tensor:
+    """The first ``count`` test images of the dataset ``cfg`` (``compress.verify.test_tensors``
+    with root ``data``, None: the config's); where that function, the data or the config's
+    ``_target_`` (a bare ``meta["data"]``) is missing, at most :data:`RANDOM_IMAGES` seeded
+    random inputs of ``shape``, with a printed note."""
+    try:
+        if "_target_" not in cfg:
+            raise ValueError("the checkpoint's data config names no _target_")
+        from compress.verify import test_tensors
+
+        return test_tensors(cfg, data)[0][:count]
+    except (ImportError, OSError, ValueError) as e:
+        n = min(count, RANDOM_IMAGES)
+        print(f"note: no test images of {cfg.get('_target_', 'this dataset')} ({type(e).__name__}: {e}); "
+              f"checking onnxruntime on {n} random {'x'.join(map(str, shape))} inputs instead")
+        return torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
 
 
 def export_onnx(ckpt: Checkpoint, out: Path, report: dict[str, Any], images: torch.Tensor | None) -> bool:
@@ -106,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", type=Path, metavar="FILE", help="also write the network as ONNX and check it")
     parser.add_argument("--check-images", type=_count, default=10_000, metavar="N",
                         help="test images the onnxruntime check runs (default: 10000, all; 0: no check)")
-    parser.add_argument("--data", default=os.environ.get("COMPRESS_DATA"),
-                        help="CIFAR-10 root for the check (default: $COMPRESS_DATA)")
+    parser.add_argument("--data", help="data root for the check (CIFAR-10: default $COMPRESS_DATA; "
+                                       "another dataset: default its config's root)")
     args = parser.parse_args(argv)
     try:
         path = _resolve(args.source)
@@ -115,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         images = None
         if args.onnx:  # fail before writing anything: the extra is missing, or the test images
             _onnx_module()
-            images = _test_images(args.check_images, args.data)
+            images = _test_images(args.check_images, args.data, ckpt)
         out = Path(args.output) if args.output else path.with_suffix(SUFFIX)
         fp_dtype = "float16" if args.fp16 else "float32"
         if out.exists() and not args.output and not args.force:

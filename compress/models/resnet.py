@@ -45,7 +45,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: a 3x3 stem, three stages of ``depth`` basic blocks (16/32/64), linear head."""
+    """CIFAR ResNet: a 3x3 stem, three stages of ``depth`` basic blocks (16/32/64), linear head.
+
+    ``compress_layers`` is its default layer selection (see :mod:`compress.selection`): every
+    conv/linear weight is pruned; only the residual blocks' convolutions are quantized, the stem
+    and the classifier staying full precision, as in the seed report."""
+
+    compress_layers = {"prune": {"types": ["Conv2d", "Linear"]},
+                       "quant": {"types": ["Conv2d"], "include": [r"re:layer\d+\.\d+\.conv\d+"]}}
 
     def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10) -> None:
         super().__init__()

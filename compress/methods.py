@@ -1,0 +1,85 @@
+"""What every compression method is: a Lightning callback built from its config group.
+
+``prune=<option>`` and ``quant=<option>`` each name a yaml whose ``_target_`` is a
+:class:`Method` subclass; ``python -m compress.train`` instantiates it (the class checks its own
+arguments), lets it check the network (:meth:`Method.prepare`), runs one fine-tuning stage of
+``epochs`` with :meth:`Method.callbacks`, and writes what :meth:`Method.record` says it did into
+``metrics.json``. Nothing else in the pipeline knows a method's arguments, so a new method is one
+class, one yaml and its tests (see the README's "Add a method").
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+
+def check_count(key: str, value: object) -> int:
+    """``value`` as an int >= 0, else ``ValueError`` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key}={value!r} is not allowed: use an integer >= 0")
+    return value
+
+
+class Method(pl.Callback):
+    """A compression method run as one fine-tuning stage.
+
+    Subclasses set :attr:`stage` (the stage's name and config group: ``prune``, ``quant``) and
+    implement :meth:`prepare`, :meth:`choices` and :meth:`record`.
+
+    Args:
+        epochs: fine-tuning epochs of its stage (0: compress and test, no training).
+    """
+
+    stage = ""
+
+    def __init__(self, epochs: int = 0) -> None:
+        self.epochs = check_count(f"{self.stage}.epochs", epochs)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Check the method against the instantiated network, before any data or training
+        (e.g. that its layer selection matches some layer); ``ValueError`` naming what is wrong."""
+
+    def callbacks(self, masks: Mapping[str, torch.Tensor]) -> list[pl.Callback]:
+        """The callbacks of its stage, given the pruning masks the model has so far (to keep)."""
+        return [self]
+
+    def choices(self) -> dict[str, Any]:
+        """The labels of ``metrics.json``'s ``choices`` it sets (e.g. ``{"prune": "global"}``)."""
+        return {}
+
+    def record(self, model: nn.Module) -> dict[str, Any]:
+        """What it did to the baked ``model``, for ``metrics.json`` (and ``model.pt``'s meta)."""
+        return {}
+
+
+def build(cfg: DictConfig, key: str) -> Any:
+    """Instantiate the config group ``key`` (``prune``, ``quant``, ``distill``) from its
+    ``_target_``; ``ValueError`` in one line for a key its class does not take (a typo, or a
+    ``+key=`` that no code would read), listing those it does, or for a bad argument."""
+    target = cfg.get("_target_")
+    try:
+        cls = get_class(target)
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for an unimportable name
+        raise ValueError(f"{key}._target_={target!r} cannot be imported ({e})") from None
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in cfg if k != "_target_" and k not in params]
+        if unknown:
+            allowed = ", ".join(n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD and n != "masks")
+            raise ValueError(f"{key}.{unknown[0]} is not an option of {key} ({cls.__name__}): "
+                             f"use one of {allowed}")
+    try:
+        return instantiate(cfg, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise ValueError(f"{key}: {cause or e}") from None
