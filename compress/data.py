@@ -113,11 +113,13 @@ class CifarFormat:
     label_key: str
     num_classes: int
     torchvision_class: type
+    env: str  # the environment variable its data config reads the root from
 
 
 CIFAR10_FORMAT = CifarFormat("CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
-                             "test_batch", "labels", 10, CIFAR10)
-CIFAR100_FORMAT = CifarFormat("CIFAR-100", "cifar-100-python", ("train",), "test", "fine_labels", 100, CIFAR100)
+                             "test_batch", "labels", 10, CIFAR10, "COMPRESS_DATA")
+CIFAR100_FORMAT = CifarFormat("CIFAR-100", "cifar-100-python", ("train",), "test", "fine_labels", 100, CIFAR100,
+                              "COMPRESS_CIFAR100")
 
 
 def default_root(dataset: str = "cifar10") -> Path:
@@ -136,9 +138,8 @@ def check_root(root: Path, fmt: CifarFormat = CIFAR10_FORMAT) -> None:
     """Raise ``FileNotFoundError`` unless ``root`` holds ``fmt``'s files in torchvision's layout."""
     missing = missing_file(root, fmt)
     if missing:
-        env = "COMPRESS_DATA" if fmt is CIFAR10_FORMAT else "COMPRESS_CIFAR100"
         raise FileNotFoundError(
-            f"data.root={str(root)!r} does not hold {fmt.name} (missing {missing}): point data.root or {env} "
+            f"data.root={str(root)!r} does not hold {fmt.name} (missing {missing}): point data.root or {fmt.env} "
             f"at a torchvision {fmt.name.replace('-', '')} root ({fmt.folder}/ with "
             f"{', '.join((*fmt.train_files, fmt.test_file))}), or set data.download=true"
         )
@@ -153,7 +154,7 @@ def download(root: Path, fmt: CifarFormat = CIFAR10_FORMAT) -> None:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
             f"could not download {fmt.name} into {str(root)!r} ({reason}): offline, put the official "
-            f"{fmt.folder} folder there, or set data.root to a {fmt.name} root"
+            f"{fmt.folder} folder there, or set {fmt.env} (or data.root) to a {fmt.name} root"
         ) from None
 
 
@@ -368,7 +369,8 @@ def leading_images(trainer: pl.Trainer, n: int, device: torch.device) -> Iterato
     (or images); outside ``fit`` it first calls the datamodule's ``setup("fit")``, since
     Lightning only set up the test data then (our datamodules set up once and return at once)."""
     datamodule = trainer.datamodule
-    if trainer.state.fn != TrainerFn.FITTING:
+    fitting = getattr(getattr(trainer, "state", None), "fn", None) == TrainerFn.FITTING
+    if not fitting and callable(getattr(datamodule, "setup", None)):
         datamodule.setup("fit")
     seen = 0
     for batch in datamodule.train_dataloader():

@@ -25,18 +25,23 @@ from compress.data import describe as data_describe
 
 
 
-def build_data(cfg: DictConfig) -> pl.LightningDataModule:
-    """The data module ``cfg`` configures (its :data:`compress.data.DESCRIBED` keys passed only where the
-    class takes them), checked with its ``check()`` if it has one; ``ValueError`` in one line if
-    it cannot be built or is no ``LightningDataModule``."""
+# Keys a data config may hold that its class need not take: what the data is, and the subset
+# that budget=debug|smoke sets (a module of one's own without that argument trains on all of it).
+OPTIONAL = (*DESCRIBED, "train_subset")
+
+
+def instantiate_data(cfg: Mapping[str, Any]) -> pl.LightningDataModule:
+    """The data module the plain config ``cfg`` configures (its :data:`OPTIONAL` keys passed
+    only where the class takes them); ``ValueError`` in one line if it cannot be imported or
+    built, takes an argument it does not know, or is no ``LightningDataModule``."""
     target = cfg.get("_target_")
     try:
         params = inspect.signature(get_class(target)).parameters
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for an unimportable name
-        raise ValueError(f"data._target_={target!r} cannot be imported ({e}): check it is on PYTHONPATH") from None
+        reason = " ".join(str(e).split())
+        raise ValueError(f"data._target_={target!r} cannot be imported ({reason}): check it is on PYTHONPATH") from None
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k not in DESCRIBED or takes_all or k in params}
+    kwargs = {k: v for k, v in cfg.items() if k not in OPTIONAL or takes_all or k in params}
     unknown = [k for k in kwargs if k != "_target_" and k not in params and not takes_all]
     if unknown:
         raise ValueError(f"data.{unknown[0]} is not an argument of {target}: start from data=custom for a "
@@ -47,13 +52,21 @@ def build_data(cfg: DictConfig) -> pl.LightningDataModule:
         cause = e.__cause__
         if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None
-        raise ValueError(f"data._target_={target!r} could not be built ({type(cause or e).__name__}: {cause or e})") from None
+        reason = " ".join(str(cause or e).split())
+        raise ValueError(f"data._target_={target!r} could not be built ({type(cause or e).__name__}: {reason})") from None
     if not isinstance(module, pl.LightningDataModule):
         raise ValueError(f"data._target_={target!r} built a {type(module).__name__}, not a LightningDataModule")
+    return module
+
+
+def build_data(cfg: DictConfig) -> pl.LightningDataModule:
+    """The data module ``cfg`` configures (:func:`instantiate_data`), checked with its
+    ``check()`` if it has one; ``ValueError`` in one line if it has no test data."""
+    module = instantiate_data(OmegaConf.to_container(cfg, resolve=True))
     if callable(getattr(module, "check", None)):
         module.check()
     if not _overrides(module, "test_dataloader"):
-        raise ValueError(f"data._target_={target!r} has no test data: give it a test_dataloader()")
+        raise ValueError(f"data._target_={cfg._target_!r} has no test data: give it a test_dataloader()")
     return module
 
 

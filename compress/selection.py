@@ -11,7 +11,8 @@ A selection is configuration (``prune.layers``, ``quant.layers``), in the spirit
     keep_last: false              # leave the last selected layer (module order) out
 
 A name matches a layer's qualified name exactly; ``re:<pattern>`` must match all of it
-(``re.fullmatch``). A key left ``null`` takes the model's default (:func:`model_default`): a
+(``re.fullmatch``). A key left ``null`` takes the model's default (:func:`model_default`; given
+``types`` without ``include``, every layer of those types): a
 network may say its own with a ``compress_layers`` attribute (``{"prune": {...}, "quant": {...}}``,
 as the CIFAR ResNets do); any other network prunes every Conv/Linear weight and quantizes every
 Conv/Linear weight but its first and last layer (the stem and the classifier stay full precision).
@@ -111,6 +112,8 @@ class LayerSelection:
                 given[k] = _strings(v, f"{key}.{k}")
         for t in given.get("types", base.types):
             module_type(t, f"{key}.types")
+        if "types" in given and "include" not in given:
+            given["include"] = None  # the default's names are of the default's types
         return replace(base, **given)
 
     def candidates(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -22,20 +22,26 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def counted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose distinct values count: the quantized ones (baked in this process), else
+    (a model loaded from a file) every conv/linear layer."""
+    return quantized_layers(model) or prunable_layers(model)
+
+
 def distinct_values(model: nn.Module) -> dict[str, int]:
-    """Number of distinct nonzero weight values in each quantized (baked) layer."""
+    """Number of distinct nonzero weight values in each quantized layer (see :func:`counted_layers`)."""
     out = {}
-    for name, m in quantized_layers(model).items():
+    for name, m in counted_layers(model).items():
         w = m.weight.detach()
         out[name] = int(torch.unique(w[w != 0]).numel())
     return out
 
 
 def distinct_values_per_channel(model: nn.Module) -> dict[str, int]:
-    """The most distinct nonzero weight values of any output channel, per quantized (baked)
-    layer (at most ``2^nbits`` for per-channel as for per-tensor quantization)."""
+    """The most distinct nonzero weight values of any output channel, per quantized layer (see
+    :func:`counted_layers`; at most ``2^nbits`` for per-channel as for per-tensor quantization)."""
     out = {}
-    for name, m in quantized_layers(model).items():
+    for name, m in counted_layers(model).items():
         w = m.weight.detach()
         out[name] = max(int(torch.unique(c[c != 0]).numel()) for c in w)
     return out

@@ -104,20 +104,13 @@ def test_tensors(data_cfg: dict[str, Any], root: str | Path | None = None) -> Te
     if is_cifar10(data_cfg):
         cfg = data_cfg or {}
         return test_set(cifar10_root(root), cfg.get("mean", MEAN), cfg.get("std", STD))
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    from compress.inputs import instantiate_data
 
     check_importable(data_cfg.get("_target_"))
     cfg = dict(data_cfg) | {k: v for k, v in TEST_OVERRIDES.items() if k in data_cfg}
     if root is not None:
         cfg["root"] = str(root)
-    try:
-        datamodule = instantiate(cfg)
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        if isinstance(cause, (ValueError, FileNotFoundError, OSError)):
-            raise cause from None
-        raise ValueError(f"data._target_={cfg['_target_']!r}: {str(e).splitlines()[0]}") from None
+    datamodule = instantiate_data(cfg)
     datamodule.prepare_data()
     if isinstance(datamodule, InMemoryData):  # what its test loader yields, without reading the training set
         x, y = datamodule.read(train=False)

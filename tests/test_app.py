@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from compress.config import config_hash, validate
+from compress.train import build_methods
 from compress.models import resnet20
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +109,11 @@ def test_config_hash_follows_the_weights_content_not_paths(hydra_compose, tmp_pa
     ],
 )
 def test_validate_rejects_composed(hydra_compose, overrides: list[str], message: str) -> None:
+    """Caught before any data or weights are read: by validate, or by the method's own class."""
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        validate(hydra_compose(overrides))
+        cfg = hydra_compose(overrides)
+        validate(cfg)
+        build_methods(cfg)
 
 
 def test_quant_options_at_their_default_keep_the_hash(hydra_compose) -> None:
@@ -136,10 +140,10 @@ def fake_cifar_root(root: Path) -> Path:
     return root
 
 
-def random_checkpoint(path: Path) -> Path:
+def random_checkpoint(path: Path, num_classes: int = 10) -> Path:
     """A valid checkpoint in the published format (random ResNet-20 weights)."""
     torch.manual_seed(0)
-    state = {f"module.{k}": v for k, v in resnet20().state_dict().items()}
+    state = {f"module.{k}": v for k, v in resnet20(num_classes).state_dict().items()}
     torch.save({"state_dict": state}, path)
     return path
 
@@ -152,7 +156,8 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (base / "empty").mkdir()
     (base / "garbage.th").write_bytes(b"this is not a checkpoint \x00\x01\x02" * 10)
     return {"empty": base / "empty", "fake_data": fake_cifar_root(base / "data"),
-            "garbage": base / "garbage.th", "weights": random_checkpoint(base / "random.th")}
+            "garbage": base / "garbage.th", "weights": random_checkpoint(base / "random.th"),
+            "weights100": random_checkpoint(base / "random100.th", num_classes=100)}
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +171,9 @@ def failures(run_apps, paths: dict[str, Path]) -> dict:
         "sparsity": ["prune=global", "prune.sparsity=1.5"],
         "data_root": [f"data.root={paths['empty']}", f"model.pretrained={paths['weights']}"],
         "garbage": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['garbage']}"],
-        "shape": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['weights']}", "model.net.num_classes=100"],
+        "shape": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['weights100']}"],
         "fp_dtype": ["export_fp_dtype=fp16"],
-        "nothing": ["quant=asym", "model.net._target_=torch.nn.Identity"],
+        "nothing": ["quant=asym", "quant.layers.types=[ConvTranspose2d]"],
         "corrupt_data": [f"data.root={paths['fake_data']}", f"model.pretrained={paths['weights']}", "trainer.max_epochs=0"],
         "offline": [f"data.root={paths['fake_data']}", "model.pretrained=https://127.0.0.1:9/resnet20-12fca82f.th"],
         "download": [f"data.root={paths['empty']}", "data.download=true", f"model.pretrained={paths['weights']}"],
@@ -228,7 +233,7 @@ def test_offline_download(failures, paths) -> None:
 
 def test_checkpoint_of_another_shape(failures, paths) -> None:
     proc = failures["shape"]
-    assert_failed(proc, "model.pretrained", str(paths["weights"]), "wrong shape", "linear.weight")
+    assert_failed(proc, "model.pretrained", str(paths["weights100"]), "wrong shape", "linear.weight")
     assert "Traceback" not in proc.stderr
 
 
@@ -240,7 +245,7 @@ def test_bad_export_dtype(failures) -> None:
 
 def test_quant_on_a_model_with_nothing_to_quantize(failures) -> None:
     proc = failures["nothing"]
-    assert_failed(proc, "quant=asym found nothing to quantize", "Identity")
+    assert_failed(proc, "quant=asym found nothing to quantize in ResNet", "widen quant.layers")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
