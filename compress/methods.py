@@ -20,6 +20,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from compress.selection import select_layers
+
 
 def check_count(key: str, value: object) -> int:
     """``value`` as an int >= 0, else ``ValueError`` naming ``key``."""
@@ -32,16 +34,30 @@ class Method(pl.Callback):
     """A compression method run as one fine-tuning stage.
 
     Subclasses set :attr:`stage` (the stage's name and config group: ``prune``, ``quant``) and
-    implement :meth:`prepare`, :meth:`choices` and :meth:`record`.
+    :attr:`verb`, and implement :meth:`prepare`, :meth:`choices` and :meth:`record`.
 
     Args:
         epochs: fine-tuning epochs of its stage (0: compress and test, no training).
+        layers: which layers it acts on (see :mod:`compress.selection`); null entries: the
+            model's default.
     """
 
     stage = ""
+    verb = ""  # what it does to a layer, for errors: "prune", "quantize"
 
-    def __init__(self, epochs: int = 0) -> None:
+    def __init__(self, epochs: int = 0, layers: Mapping[str, Any] | None = None) -> None:
         self.epochs = check_count(f"{self.stage}.epochs", epochs)
+        self.layers_cfg = layers
+
+    def selected(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers of ``model`` its ``layers`` selection picks (null entries: the model's
+        default, :mod:`compress.selection`); ``ValueError`` if none, or a name matches none."""
+        layers = select_layers(model, self.stage, self.layers_cfg)
+        if not layers:
+            raise ValueError(f"{self.stage}={self.choices().get(self.stage)} found nothing to {self.verb} in "
+                             f"{type(model).__name__}: widen {self.stage}.layers (types, include, exclude, keep_first, "
+                             "keep_last)")
+        return layers
 
     def prepare(self, model: nn.Module) -> None:
         """Check the method against the instantiated network, before any data or training

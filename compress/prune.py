@@ -32,7 +32,6 @@ from torch.nn.utils import parametrize
 
 from compress.layers import bake, check_layer_map, network, weight_parametrization, with_parametrization
 from compress.methods import Method
-from compress.selection import select_layers
 
 Scope = Literal["layer", "global"]
 
@@ -190,7 +189,7 @@ class PruningCallback(Method):
             never empties a layer.
     """
 
-    stage = "prune"
+    stage, verb = "prune", "prune"
 
     def __init__(
         self,
@@ -204,7 +203,7 @@ class PruningCallback(Method):
         layers: Mapping[str, Any] | None = None,
         min_density: float = 0.001,
     ) -> None:
-        super().__init__(epochs)
+        super().__init__(epochs, layers)
         self.sparsity = check_sparsity(sparsity)
         if layer_sparsity is not None and not isinstance(layer_sparsity, Mapping):
             raise ValueError(f"prune.layer_sparsity={layer_sparsity!r} is not allowed: use a map of layer name "
@@ -228,16 +227,7 @@ class PruningCallback(Method):
             raise ValueError(f"prune.ramp_epochs={ramp_epochs} is longer than prune.epochs={self.epochs}: the target "
                              "sparsity would never be reached (lower prune.ramp_epochs or raise trainer.max_epochs)")
         self.scope, self.ramp_epochs, self.min_density = scope, ramp_epochs, float(min_density)
-        self.layers_cfg = layers
         self.initial_masks = dict(masks or {})
-
-    def selected(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The layers it prunes in ``model``; ``ValueError`` if none, or a pattern matches none."""
-        layers = select_layers(model, "prune", self.layers_cfg)
-        if not layers:
-            raise ValueError(f"prune={self.method} found nothing to prune in {type(model).__name__}: "
-                             "widen prune.layers (types, include, exclude)")
-        return layers
 
     def prepare(self, model: nn.Module) -> None:
         self.layer_sparsity = check_layer_sparsity(self.layer_patterns, self.selected(model))

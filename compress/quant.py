@@ -44,7 +44,6 @@ from compress.layers import Quantizer, bake, baked_grid, check_layer_map, networ
 from compress.lsq import LearnedFakeQuant
 from compress.methods import Method, check_count
 from compress.prune import KeepMasks
-from compress.selection import select_layers
 
 Mode = Literal["sym", "asym"]
 MODES: tuple[str, ...] = ("sym", "asym")
@@ -229,12 +228,12 @@ class QuantizationCallback(Method):
             but the first and the last).
     """
 
-    stage = "quant"
+    stage, verb = "quant", "quantize"
 
     def __init__(self, mode: Mode, nbits: int, clip: str = "minmax", granularity: str = "tensor",
                  learn_range: bool = False, layer_nbits: Mapping[str, int] | None = None, abits: int | None = None,
                  bn_recalibration: int = 0, epochs: int = 0, layers: Mapping[str, Any] | None = None) -> None:
-        super().__init__(epochs)
+        super().__init__(epochs, layers)
         self.mode, self.nbits, self.clip = check_mode(mode), check_nbits(nbits), check_clip(clip)
         self.channel = check_granularity(granularity) == "channel"
         self.learn_range = check_learn_range(learn_range)
@@ -244,7 +243,6 @@ class QuantizationCallback(Method):
         self.layer_patterns = {str(n): check_nbits(b, f"quant.layer_nbits.{n}") for n, b in (layer_nbits or {}).items()}
         self.abits = check_abits(abits)
         self.bn_recalibration = check_count("quant.bn_recalibration", bn_recalibration)
-        self.layers_cfg = layers
 
     @property
     def layer_nbits(self) -> dict[str, int]:
@@ -254,16 +252,8 @@ class QuantizationCallback(Method):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.install(network(pl_module))
 
-    def check(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The layers this callback would quantize; ``ValueError`` if there are none."""
-        layers = select_layers(model, "quant", self.layers_cfg)
-        if not layers:
-            raise ValueError(f"quant={self.mode} found nothing to quantize in {type(model).__name__}: "
-                             "widen quant.layers (types, include, exclude, keep_first, keep_last)")
-        return layers
-
     def prepare(self, model: nn.Module) -> None:
-        layers = self.check(model)
+        layers = self.selected(model)
         check_layer_nbits(self.layer_patterns, layers)
         if self.abits is not None and not has_activation_slots(model):
             raise ValueError(f"quant.abits={self.abits} needs the activation slots of the CIFAR ResNets' blocks, "
@@ -271,7 +261,7 @@ class QuantizationCallback(Method):
 
     def widths(self, model: nn.Module) -> dict[str, int]:
         """The bit width of every layer it quantizes in ``model``."""
-        return layer_widths(self.check(model), self.nbits, self.layer_patterns)
+        return layer_widths(self.selected(model), self.nbits, self.layer_patterns)
 
     def callbacks(self, masks: Mapping[str, torch.Tensor]) -> list[pl.Callback]:
         """Masks kept, weight (and activation) fake quantization, then BatchNorm re-estimation if asked for."""
@@ -286,7 +276,7 @@ class QuantizationCallback(Method):
 
     def record(self, model: nn.Module) -> dict[str, Any]:
         """What ``model.pt``'s meta and ``model.cpk`` need: mode, bit widths, grids of the baked layers."""
-        widths = check_layer_nbits(self.layer_patterns, self.check(model))  # patterns resolved to layer names
+        widths = check_layer_nbits(self.layer_patterns, self.selected(model))  # patterns resolved to layer names
         own = {"layer_nbits": widths} if widths else {}
         abits = {"abits": self.abits} if self.abits else {}
         return {"mode": self.mode, "nbits": self.nbits, "granularity": "channel" if self.channel else "tensor",
@@ -296,7 +286,7 @@ class QuantizationCallback(Method):
         """Parametrize the selected layers of ``model`` (no-op if already done)."""
         if with_parametrization(model, Quantizer):
             return
-        layers = self.check(model)
+        layers = self.selected(model)
         widths = layer_widths(layers, self.nbits, self.layer_patterns)
         for name, m in layers.items():
             parametrize.register_parametrization(m, "weight", self.quantizer(m.weight.detach(), widths[name]))

@@ -12,9 +12,9 @@ else the config's). Checked:
 - test accuracy within ``--tol`` (default 0.001), on the test images the run tested on (all,
   or the seeded half of ``data.test_split``); a run that tested on fewer batches
   (``trainer.limit_test_batches``, ``budget=debug``) has its accuracy printed, not compared;
-- per-layer sparsity as recorded, and at least the target: every layer for layer-wise pruning
-  (``oneshot``, ``iterative``), all conv/linear weights together for ``global``; a layer with
-  its own target (``prune.layer_sparsity``) at least that, and for ``global`` the other layers together;
+- per-layer sparsity as recorded, and at least the target the run recorded for each pruned layer
+  (``layer_sparsity``: its own for layer scope or ``prune.layer_sparsity``; the layers under the
+  one global threshold together at least ``prune.sparsity``);
 - per quantized tensor, the distinct nonzero values as recorded, and the most of any output
   channel as recorded (runs from before that was recorded: not checked); at most ``2^nbits``
   per tensor, or per output channel for ``quant.granularity=channel`` runs
@@ -47,7 +47,6 @@ from compress.data import InMemoryData, concat_batches, normalize, split_mask
 from compress.export import load
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the checkpoint's normalization
-LAYER_WISE = ("oneshot", "iterative")
 CIFAR10_TARGET = "compress.data.CIFAR10Data"
 # Keys of our datamodules set for a test pass: every test image in file order, on the CPU.
 TEST_OVERRIDES = {"test_split": "all", "device": "cpu", "train_subset": 0}
@@ -186,9 +185,8 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_ha
     prune = m["config"]["prune"]
     numel = {n: model.get_submodule(n).weight.numel() for n in zeros}
     overall = sum(zeros[n] * numel[n] for n in zeros) / total
-    if prune["method"] != "none":
-        own = prune.get("layer_sparsity") or {}
-        targets = {n: own.get(n, prune["sparsity"] if prune["method"] in LAYER_WISE else None) for n in zeros}
+    if "sparsity" in prune:  # a pruning method ran
+        targets = pruning_targets(m, zeros)
         short = [n for n, t in targets.items() if t is not None and zeros[n] < t]
         if short:
             problems.append(f"{len(short)} layers under their target sparsity ({short[0]} {zeros[short[0]]:.4f} "
@@ -224,6 +222,19 @@ def check_run(run: Path, x: torch.Tensor, y: torch.Tensor, tol: float, report_ha
             + (f"  distinct <= 2^nbits of each layer ({min(widths.values())}..{max(widths.values())} bits)"
                if worst is not None and mixed else ""))
     return not problems, line + ("  FAIL: " + "; ".join(problems) if problems else "")
+
+
+def pruning_targets(metrics: dict[str, Any], layers: dict[str, float]) -> dict[str, float | None]:
+    """The target sparsity of every pruned layer, as the run recorded it (``layer_sparsity`` in
+    ``metrics.json``: None where the layer is under the one global threshold); runs from before
+    that record: from the config, every conv/linear layer (``layers``) at ``prune.sparsity`` for
+    ``layer`` scope or under the one threshold for ``global`` scope, but their own ``layer_sparsity``."""
+    recorded = metrics.get("layer_sparsity")
+    if isinstance(recorded, dict) and recorded:
+        return recorded
+    prune = metrics["config"]["prune"]
+    own = prune.get("layer_sparsity") or {}
+    return {n: own.get(n, prune["sparsity"] if prune.get("scope") == "layer" else None) for n in layers}
 
 
 def tested_images(metrics: dict[str, Any], n: int) -> int | None:

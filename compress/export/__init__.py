@@ -21,7 +21,9 @@ Modules, by concern:
 
 What goes where in the artifact:
 
-- *Quantized* tensors are the residual-block conv weights when ``meta["quant"]`` is set. Each
+- *Quantized* tensors are the weights with a recorded grid (``meta["quant"]["grids"]``: the
+  layers ``quant.layers`` selected; checkpoints from before grids were recorded: the CIFAR
+  ResNets' residual-block convs). Each
   stored entry is an integer code ``c`` with ``value = (c - shift) * scale + offset`` in
   float32, exactly as :func:`compress.quant.quantize` computes it (``shift`` is 0 for
   ``asym``, ``2^(n-1) - 1`` for ``sym`` so the codes fit in n unsigned bits), with one

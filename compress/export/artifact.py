@@ -9,14 +9,17 @@ Layout (all integers little-endian)::
     10      4     CRC-32 of the payload (u32, zlib.crc32)
     14      ...   payload:
                     u32 manifest length, zlib-compressed JSON manifest
-                      {"arch", "num_classes", "quant", "fp_dtype", "tensors": [[name, shape], ...]}
+                      {"arch", "net", "data", "num_classes", "quant", "fp_dtype", "tensors": [[name, shape], ...]}
                       ("quant": {"mode", "nbits"}, plus "granularity": "channel" where per channel,
                       and "layer_nbits": {layer: nbits} where some layers have their own width;
                       each record holds its own nbits, so readers need neither)
                     one record per manifest tensor, in manifest order (see ``records``)
 
 ``arch`` names the network (``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``), told from
-the checkpoint's parameter names when it is written. Version 1 always had the field; before the
+the checkpoint's parameter names when it is written; any other network has ``arch: null`` and
+``net``, the resolved ``_target_`` config that builds it (``meta["net"]``, written by
+``compress.train``). ``data`` (where the run recorded it) says what inputs the model expects:
+``num_classes``, ``mean``, ``std``, ``image_size``. Readers that predate the two keys ignore them. Version 1 always had the field; before the
 model family it could only say ``resnet20``, so every earlier artifact loads as before.
 Version 2 adds the per-channel record kind; an artifact without one is written as version 1,
 readable by older code, and this code reads both.
