@@ -116,7 +116,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
         metrics = finish(cfg, digest, model, masks, methods, records, results, meta, out_dir, t0)
     except (ValueError, RuntimeError, OSError) as e:
         raise LateError(f"the trained model is saved in {out_dir / 'model.pt'}, but writing its results failed "
-                        f"({type(e).__name__}: {e}); fix that and run the same command again to finish") from e
+                        f"({type(e).__name__}: {' '.join(str(e).split())}); python -m compress.export {out_dir} "
+                        "packs it once that is fixed") from e
     log.info("done in %s: test acc %.4f (before fine-tuning %.4f); results in %s", duration(metrics["wall_time_s"]),
              metrics["test_acc"], results[-1].before["acc"], out_dir)
     return metrics
