@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compress.models import arch_of
+from compress.resize import resize_to
 
 FORMAT = "compress-checkpoint"
 VERSION = 1
@@ -101,13 +102,16 @@ def _from_artifact(source: str, key: str) -> Checkpoint:
     except ValueError as e:
         raise ValueError(f"{key}={source!r}: {e}") from None
     masks = {n: m.weight.detach() != 0 for n, m in prunable_layers(model).items() if bool((m.weight == 0).any())}
-    meta = {k: manifest[k] for k in ("net", "data") if manifest.get(k)}
+    meta = {k: manifest[k] for k in ("net", "data", "resized") if manifest.get(k)}
     return Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, masks, meta)
 
 
 def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str, key: str = "model.pretrained") -> None:
     """Load ``ckpt`` into ``model`` strictly, with an error naming what does not match (and the
-    config ``key`` that gave ``source``)."""
+    config ``key`` that gave ``source``); a channel-pruned checkpoint (``meta["resized"]``)
+    first gives ``model`` its layer widths."""
+    if (ckpt.meta or {}).get("resized"):
+        resize_to(model, ckpt.state_dict)
     own, want, found = model.state_dict(), getattr(model, "arch", type(model).__name__), arch_of(ckpt.state_dict)
     if found and found != want:
         raise ValueError(f"{key}={source!r} holds {found} weights, not {want}'s: "

@@ -44,6 +44,7 @@ class Method(pl.Callback):
 
     stage = ""
     verb = ""  # what it does to a layer, for errors: "prune", "quantize"
+    layer_kind = ""  # whose default selection it takes (compress.selection); "" = its stage's
 
     def __init__(self, epochs: int = 0, layers: Mapping[str, Any] | None = None) -> None:
         self.epochs = check_count(f"{self.stage}.epochs", epochs)
@@ -52,7 +53,7 @@ class Method(pl.Callback):
     def selected(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers of ``model`` its ``layers`` selection picks (null entries: the model's
         default, :mod:`compress.selection`); ``ValueError`` if none, or a name matches none."""
-        layers = select_layers(model, self.stage, self.layers_cfg)
+        layers = select_layers(model, self.layer_kind or self.stage, self.layers_cfg, f"{self.stage}.layers")
         if not layers:
             raise ValueError(f"{self.stage}={self.choices().get(self.stage)} found nothing to {self.verb} in "
                              f"{type(model).__name__}: widen {self.stage}.layers (types, include, exclude, keep_first, "

@@ -28,10 +28,10 @@ from typing import Any, Iterable, Mapping
 from torch import nn
 from torch.nn.utils import parametrize
 
-KINDS = ("prune", "quant")
 GENERIC: dict[str, dict[str, Any]] = {
     "prune": {"types": ["Conv2d", "Linear"]},
     "quant": {"types": ["Conv2d", "Linear"], "keep_first": True, "keep_last": True},
+    "channel": {"types": ["Conv2d", "Linear"], "keep_last": True},  # whose output channels may go
 }
 
 
@@ -141,12 +141,14 @@ class LayerSelection:
 
 
 def model_default(model: nn.Module, kind: str) -> LayerSelection:
-    """The default selection of ``kind`` (``prune`` or ``quant``) for ``model``: its own
+    """The default selection of ``kind`` (``prune``, ``quant``, ``channel``) for ``model``: its own
     ``compress_layers[kind]`` if it has one, else :data:`GENERIC`."""
     own = getattr(model, "compress_layers", None) or {}
-    return LayerSelection.from_config(own.get(kind, GENERIC[kind]), f"{kind}.layers")
+    return LayerSelection.from_config(own.get(kind, GENERIC[kind]), f"{kind} default")
 
 
-def select_layers(model: nn.Module, kind: str, cfg: Mapping[str, Any] | None = None) -> dict[str, nn.Module]:
-    """The layers of ``model`` that ``kind``'s selection ``cfg`` (null entries: the model's default) picks."""
-    return LayerSelection.from_config(cfg, f"{kind}.layers", model_default(model, kind)).select(model)
+def select_layers(model: nn.Module, kind: str, cfg: Mapping[str, Any] | None = None, key: str | None = None
+                  ) -> dict[str, nn.Module]:
+    """The layers of ``model`` that ``kind``'s selection ``cfg`` (null entries: the model's default)
+    picks; errors name the config ``key`` (default ``<kind>.layers``)."""
+    return LayerSelection.from_config(cfg, key or f"{kind}.layers", model_default(model, kind)).select(model)

@@ -202,7 +202,7 @@ class StageCache:
             result, masks = compute()
             tmp = self.root / f".{stage.cache_key}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_checkpoint(tmp / "model.pt", model, masks, {"stage": stage.name})
+            save_checkpoint(tmp / "model.pt", model, masks, {"stage": stage.name, "resized": True})  # widths as trained
             (tmp / "result.json").write_text(json.dumps(asdict(result), indent=1))
             shutil.rmtree(entry, ignore_errors=True)  # a partly deleted entry, left by hand
             tmp.rename(entry)

@@ -37,6 +37,7 @@ from compress.interrupt import Interrupted, stop_on_signals
 from compress.methods import Method, build
 from compress.models.net import build_net
 from compress.progress import duration
+from compress.resize import resize_to
 from compress import sensitivity
 from compress.stages import run_stages
 from compress.stats import distinct_values, distinct_values_per_channel, sparsity
@@ -109,8 +110,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
     if rank_zero_only.rank != 0:  # DDP: the other ranks computed the same model; rank 0 writes it
         return None
     records = {m.stage: m.record(model) for m in methods}
+    resized = bool(resize_to(build_net(cfg.model.net), model.state_dict()))  # channel-pruned: narrower layers
     meta = {"quant": records.get("quant"), "net": OmegaConf.to_container(cfg.model.net, resolve=True), "data": data,
-            "config": OmegaConf.to_yaml(cfg, resolve=True)}
+            **({"resized": True} if resized else {}), "config": OmegaConf.to_yaml(cfg, resolve=True)}
     save_checkpoint(out_dir / "model.pt", model, masks, meta)
     try:
         metrics = finish(cfg, digest, model, masks, methods, records, results, meta, out_dir, t0)

@@ -19,7 +19,9 @@ Layout (all integers little-endian)::
 the checkpoint's parameter names when it is written; any other network has ``arch: null`` and
 ``net``, the resolved ``_target_`` config that builds it (``meta["net"]``, written by
 ``compress.train``). ``data`` (where the run recorded it) says what inputs the model expects:
-``num_classes``, ``mean``, ``std``, ``image_size``. Readers that predate the two keys ignore them. Version 1 always had the field; before the
+``num_classes``, ``mean``, ``std``, ``image_size``; ``resized: true`` marks a channel-pruned
+network (its layers are narrower than its constructor builds them). Readers that predate these
+keys ignore them. Version 1 always had the field; before the
 model family it could only say ``resnet20``, so every earlier artifact loads as before.
 Version 2 adds the per-channel record kind; an artifact without one is written as version 1,
 readable by older code, and this code reads both.
@@ -46,6 +48,7 @@ from compress.layers import quantizable_layers, prunable_layers
 from compress.actquant import check_abits, install
 from compress.models import ARCHS, ResNet, arch_of, build
 from compress.models.net import build_net
+from compress.resize import resize_to
 from compress.quant import check_granularity, check_mode, check_nbits
 
 MAGIC = b"CMPK"
@@ -87,10 +90,11 @@ def with_activation_quant(model: nn.Module, abits: int | None) -> nn.Module:
 
 
 def network_of(state_dict: Mapping[str, torch.Tensor], net: Mapping[str, Any] | None, abits: int | None,
-               what: str, arch: str | None = None) -> nn.Module:
+               what: str, arch: str | None = None, resized: bool = False) -> nn.Module:
     """A fresh network for ``state_dict``: the CIFAR ResNet ``arch`` (default: the one its
     parameter names tell; with activation quantizers if ``abits``), else the one the ``net``
-    config builds; ``ValueError`` naming any mismatch (``what``: the checkpoint or the artifact)."""
+    config builds, with the layer widths of ``state_dict`` if it is channel-pruned (``resized``);
+    ``ValueError`` naming any mismatch (``what``: the checkpoint or the artifact)."""
     arch = arch or arch_of(state_dict)
     if arch in ARCHS:
         model: nn.Module = with_activation_quant(build(arch, int(state_dict["linear.weight"].shape[0])), abits)
@@ -99,6 +103,8 @@ def network_of(state_dict: Mapping[str, torch.Tensor], net: Mapping[str, Any] | 
     else:
         raise ValueError(f"{what} is not one of the CIFAR ResNets ({', '.join(ARCHS)}) and records no network "
                          "config to rebuild it from (meta['net']: written by compress.train since it takes any model)")
+    if resized:
+        resize_to(model, state_dict)
     _check_matches(model, state_dict, what)
     return model
 
@@ -108,7 +114,8 @@ def reference(ckpt: Checkpoint) -> nn.Module:
     parameter names, with activation quantizers if its meta says so; else the network
     ``meta["net"]`` configures), ``ValueError`` naming any mismatch."""
     meta = ckpt.meta or {}
-    return network_of(ckpt.state_dict, meta.get("net"), abits_of(meta.get("quant")), "checkpoint")
+    return network_of(ckpt.state_dict, meta.get("net"), abits_of(meta.get("quant")), "checkpoint",
+                      resized=bool(meta.get("resized")))
 
 
 def quantized_weights(ckpt: Checkpoint, model: nn.Module) -> set[str]:
@@ -156,6 +163,7 @@ def _encode(ckpt: Checkpoint, fp_dtype: str) -> tuple[bytes, list[Record], int]:
         "arch": model.arch if resnet else None,
         **({} if resnet else {"net": meta["net"]}),
         **({"data": meta["data"]} if meta.get("data") else {}),
+        **({"resized": True} if meta.get("resized") else {}),
         "num_classes": model.linear.out_features if resnet else (meta.get("data") or {}).get("num_classes"),
         "quant": {"mode": quant.mode, "nbits": quant.nbits, **({"granularity": "channel"} if quant.channel else {}),
                   **({"layer_nbits": {n.removesuffix(".weight"): b for n, b in quant.layer_nbits.items()}}
@@ -242,7 +250,8 @@ def load(source: bytes | bytearray | memoryview | str | os.PathLike) -> nn.Modul
     if arch is not None and arch not in ARCHS:
         raise ValueError(f"artifact holds a {arch!r}, this code rebuilds {', '.join(ARCHS)} or a recorded network config")
     try:
-        model = network_of(tensors, manifest.get("net"), abits_of(manifest.get("quant")), "artifact", arch)
+        model = network_of(tensors, manifest.get("net"), abits_of(manifest.get("quant")), "artifact", arch,
+                           bool(manifest.get("resized")))
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed artifact manifest: net or quant ({e})") from None
     model.load_state_dict(tensors, strict=True)

@@ -49,10 +49,13 @@ class ResNet(nn.Module):
 
     ``compress_layers`` is its default layer selection (see :mod:`compress.selection`): every
     conv/linear weight is pruned; only the residual blocks' convolutions are quantized, the stem
-    and the classifier staying full precision, as in the seed report."""
+    and the classifier staying full precision, as in the seed report; channel pruning removes
+    only the channels inside each block (the first conv's outputs): the option-A shortcuts pad
+    the residual stream, which keeps its width."""
 
     compress_layers = {"prune": {"types": ["Conv2d", "Linear"]},
-                       "quant": {"types": ["Conv2d"], "include": [r"re:layer\d+\.\d+\.conv\d+"]}}
+                       "quant": {"types": ["Conv2d"], "include": [r"re:layer\d+\.\d+\.conv\d+"]},
+                       "channel": {"types": ["Conv2d"], "include": [r"re:layer\d+\.\d+\.conv1"]}}
 
     def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10) -> None:
         super().__init__()
