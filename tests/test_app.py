@@ -19,7 +19,7 @@ from compress.models import resnet20
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-PRUNE = ("none", "oneshot", "iterative", "global")
+PRUNE = ("none", "oneshot", "iterative", "global", "channel")
 QUANT = ("none", "sym", "asym")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 BUDGETS = sorted(p.stem for p in (CONF / "budget").glob("*.yaml"))
