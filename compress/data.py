@@ -463,8 +463,9 @@ class InMemoryData(pl.LightningDataModule):
         raise NotImplementedError
 
     def prepare_data(self) -> None:
-        """Lightning's hook for fetching data: :meth:`check`."""
-        self.check()
+        """Lightning's hook for fetching data: :meth:`check` (nothing once the splits are in memory)."""
+        if not self.splits:
+            self.check()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
