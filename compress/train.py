@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
-from compress.config import config_hash, validate
+from compress.config import NOT_HASHED, config_hash, validate
 from compress.export import save as save_artifact
 from compress.inputs import build_data, check_outputs, describe
 from compress.interrupt import Interrupted, stop_on_signals
@@ -56,20 +56,37 @@ def hardware(accelerator: str = "auto") -> dict[str, Any]:
             "torch": torch.__version__}
 
 
-def finished(path: Path, digest: str) -> bool:
-    """Whether ``path`` is a complete metrics file for the config with hash ``digest``."""
+def finished_result(path: Path) -> dict[str, Any] | None:
+    """The complete metrics file at ``path`` (None if there is none or it is unreadable)."""
     try:
-        return json.loads(path.read_text()).get("config_hash") == digest
+        metrics = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("config_hash") else None
+
+
+def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two plain configs (a key only one has counts)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix.rstrip(".") or "(config)"] if old != new else []
+    return [k for key in sorted(set(old) | set(new), key=str) if key not in NOT_HASHED
+            for k in differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
 
 
 def start(cfg: DictConfig, result: Path) -> str | None:
     """Validate ``cfg`` and return its hash; None (and a log line) if ``cfg.resume`` is set and
-    ``result`` is already this config's finished result, so the job has nothing to do."""
+    ``result`` is already this config's finished result, so the job has nothing to do.
+    ``ValueError`` if ``result`` is the finished result of another configuration: it is never
+    overwritten (the message names the keys that differ)."""
     validate(cfg)
     digest = config_hash(cfg)
-    if cfg.resume and finished(result, digest):
+    previous = finished_result(result)
+    if previous is not None and previous["config_hash"] != digest:
+        keys = differing_keys(previous.get("config"), OmegaConf.to_container(cfg, resolve=True))
+        what = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "") if keys else "the weights' or data's content"
+        raise ValueError(f"{result.parent} holds the finished result of another configuration (differs in {what}); "
+                         "it is kept: choose another dir (hydra.run.dir=..., or name=...) or move that one away")
+    if cfg.resume and previous is not None:
         log.info("already finished, skipping: %s", result)
         return None
     return digest
