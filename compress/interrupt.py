@@ -9,6 +9,8 @@ complete. The stage running at the time adds where it stopped (:meth:`Interrupte
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,10 @@ from types import FrameType
 from typing import Iterator
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+log = logging.getLogger("compress")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -87,7 +92,9 @@ def critical() -> Iterator[None]:
 
 
 class EpochCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` rewritten at every epoch end, never left half-written by an interrupt."""
+    """``last.ckpt`` rewritten at every epoch end, never left half-written: by an interrupt (the
+    signal waits) nor by a failed write (a full disk): it is written to ``last.ckpt.tmp`` and
+    renamed into place, so the previous epoch's file stays whole until the new one is."""
 
     def __init__(self, dirpath: Path) -> None:
         # save_top_k=1 without a monitor rewrites one file every epoch; save_last alone with
@@ -95,5 +102,28 @@ class EpochCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        tmp = Path(f"{filepath}.tmp")
         with critical():
-            super()._save_checkpoint(trainer, filepath)
+            try:
+                super()._save_checkpoint(trainer, str(tmp))
+                if trainer.is_global_zero:
+                    os.replace(tmp, filepath)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self._last_checkpoint_saved = filepath
+
+
+def usable(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` (a Lightning ``last.ckpt``) reads back; if not, it is renamed to
+    ``<name>.corrupt`` and a line says so, so the stage starts again instead of failing on it."""
+    if not checkpoint.is_file():
+        return False
+    try:
+        torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return True
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
+        aside = checkpoint.with_name(checkpoint.name + ".corrupt")
+        os.replace(checkpoint, aside)
+        log.warning("%s is unreadable (%s): set aside as %s; the stage starts from its beginning",
+                    checkpoint, type(e).__name__, aside.name)
+        return False

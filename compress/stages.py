@@ -33,7 +33,7 @@ from torch import nn
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, load_checkpoint, save_checkpoint
 from compress.config import config_hash, digest, hashed_config
-from compress.interrupt import EpochCheckpoint, Interrupted
+from compress.interrupt import EpochCheckpoint, Interrupted, usable
 from compress.layers import bake
 from compress.loggers import make_loggers
 from compress.methods import Method
@@ -143,9 +143,10 @@ def run_stage(
         before = test(trainer, module, datamodule)
         log.info("stage %s: test acc %.4f before fine-tuning", stage.name, before["acc"])
         if stage.epochs > 0:
-            if last.is_file():
+            resume = usable(last)
+            if resume:
                 log.info("stage %s resumes from %s", stage.name, last)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
     except Interrupted as e:
         raise e.at(stage.name, trainer.current_epoch + 1, stage.epochs, last)
     shutil.rmtree(ckpt_dir, ignore_errors=True)

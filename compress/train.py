@@ -44,8 +44,10 @@ from compress.stats import distinct_values, distinct_values_per_channel, sparsit
 
 log = logging.getLogger("compress")
 
-# What a user's mistake raises: reported as one line and a non-zero exit, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# What a user's mistake (or the machine's: a full disk, a dir it may not write) raises: reported
+# as one line and a non-zero exit, not a traceback. Results are written atomically, so none is
+# left half-written.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def hardware(accelerator: str = "auto") -> dict[str, Any]:
