@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,9 +48,31 @@ if not OmegaConf.has_resolver("published_weights"):
     OmegaConf.register_new_resolver("published_weights", published_weights)
 
 
+MODEL_KEYS = ("name", "net", "pretrained")
+
+
+def check_keys(group: str, given: object, allowed: list[str]) -> None:
+    """``ValueError`` naming the first key of ``group`` that is not in ``allowed`` (a typo, or a
+    ``+key=value`` that no code would read), listing those that are."""
+    unknown = [k for k in (given or {}) if k not in allowed]
+    if unknown:
+        raise ValueError(f"{group}.{unknown[0]} is not an option of {group}: use one of {', '.join(allowed)}")
+
+
+def _arguments(cls: type, leave_out: tuple[str, ...] = ()) -> list[str]:
+    return [n for n, p in inspect.signature(cls).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in leave_out]
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ValueError`` naming the first bad value in ``cfg`` and what is allowed: the
-    settings of the run itself (the methods check their own arguments when they are built)."""
+    settings of the run itself (the methods and the data check their own arguments when they
+    are built)."""
+    from compress.module import Classifier  # the LightningModule (imports the training stack)
+
+    check_keys("model", cfg.model, list(MODEL_KEYS))
+    check_keys("optim", cfg.optim, _arguments(Classifier, ("model", "teacher")))
+    check_keys("trainer", {k: v for k, v in cfg.trainer.items() if k != "_target_"}, _arguments(pl.Trainer))
     check_nbits(cfg.nbits)
     check_progress(cfg.progress)
     check_loggers(cfg.get("logger"))

@@ -106,6 +106,10 @@ def test_config_hash_follows_the_weights_content_not_paths(hydra_compose, tmp_pa
         (["quant=sym", "quant.clip=max"], "quant.clip='max' is not allowed"),
         (["quant=asym", "quant.granularity=row"], "quant.granularity='row' is not allowed: use one of tensor, channel"),
         (["quant=sym", "quant.learn_range=yes"], "quant.learn_range='yes' is not allowed: use true or false"),
+        (["+optim.lrr=0.1"], "optim.lrr is not an option of optim: use one of lr, momentum"),
+        (["+model.foo=1"], "model.foo is not an option of model: use one of name, net, pretrained"),
+        (["+trainer.max_epoch=3"], "trainer.max_epoch is not an option of trainer"),
+        (["prune=global", "+prune.sparsty=0.5"], "prune.sparsty is not an option of prune"),
     ],
 )
 def test_validate_rejects_composed(hydra_compose, overrides: list[str], message: str) -> None:
