@@ -95,13 +95,15 @@ class History(pl.Callback):
         self.rows.append(row)
 
 
-def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out_dir: Path, stage: str = "") -> pl.Trainer:
+def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out_dir: Path, stage: str = "",
+                 later_epochs: int = 0) -> pl.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` for ``epochs`` epochs of ``stage`` (none: a test
-    pass), with the progress display and, when it trains, the loggers the config asks for."""
+    pass), with the progress display and, when it trains, the loggers the config asks for
+    (``later_epochs``: the run's epochs after this stage, for its ETA)."""
     progress = check_progress(cfg.progress)
     training = bool(stage) and epochs > 0
     loggers = make_loggers(cfg.logger, out_dir, stage) if training else []
-    shown = [ProgressLog(stage)] if training and progress == "log" else []
+    shown = [ProgressLog(stage, later_epochs, console=progress == "log")] if training else []  # train.log: always
     lr = [LearningRateMonitor("epoch")] if loggers else []
     return instantiate(
         cfg.trainer, max_epochs=epochs, callbacks=[*callbacks, *shown, *lr], default_root_dir=str(out_dir),
@@ -121,7 +123,7 @@ def test(trainer: pl.Trainer, module: Classifier, datamodule: pl.LightningDataMo
 
 def run_stage(
     stage: Stage, cfg: DictConfig, model: nn.Module, masks: dict[str, torch.Tensor], datamodule: pl.LightningDataModule,
-    out_dir: Path, extra: list[pl.Callback] | None = None,
+    out_dir: Path, extra: list[pl.Callback] | None = None, later_epochs: int = 0,
 ) -> tuple[StageResult, dict[str, torch.Tensor]]:
     """Fine-tune ``model`` in place with the stage's callbacks and the run's ``extra`` ones
     (distillation); bake it; return the result and its masks.
@@ -137,7 +139,7 @@ def run_stage(
     ckpt_dir = out_dir / "checkpoints" / f"{stage.name}-{config_hash(cfg)}"
     compiling = [CompileNetwork()] if cfg.compile else []
     callbacks = [*stage.callbacks(masks), *(extra or []), *compiling, history, EpochCheckpoint(ckpt_dir)]
-    trainer = make_trainer(cfg, stage.epochs, callbacks, out_dir, stage.name)
+    trainer = make_trainer(cfg, stage.epochs, callbacks, out_dir, stage.name, later_epochs)
     last = ckpt_dir / "last.ckpt"
     try:
         before = test(trainer, module, datamodule)
@@ -227,8 +229,12 @@ def run_stages(
     """Run (or reuse) the stage of each of ``methods`` on ``model``, with the ``extra``
     callbacks (distillation) in every stage; returns results and final masks."""
     results = []
-    for stage in plan(cfg, methods, pretrained_id):
-        compute = lambda s=stage, m=masks: run_stage(s, cfg, model, m, datamodule, out_dir, extra)  # noqa: E731
+    stages = plan(cfg, methods, pretrained_id)
+    log.info("run: %s (%d training epochs in all; a cached stage takes none)",
+             ", ".join(f"stage {s.name} {s.epochs} epochs" for s in stages), sum(s.epochs for s in stages))
+    for i, stage in enumerate(stages):
+        later = sum(s.epochs for s in stages[i + 1:])
+        compute = lambda s=stage, m=masks, n=later: run_stage(s, cfg, model, m, datamodule, out_dir, extra, n)  # noqa: E731
         if stage.cache_key:
             result, masks = StageCache(cfg.stage_cache).run(stage, compute, model)
         else:
