@@ -92,18 +92,13 @@ ARTIFACT_MAGIC = b"CMPK"  # compress.export.MAGIC (not imported: the export pack
 
 
 def _from_artifact(source: str, key: str) -> Checkpoint:
-    """The weights of a ``model.cpk`` as a checkpoint: its pruned weights (exact zeros of the
-    conv/linear weights) kept as masks, what it records of the network and data as meta."""
-    from compress.export import load, read_manifest
-    from compress.layers import prunable_layers
+    """The weights of a ``model.cpk`` as a checkpoint (:func:`compress.export.artifact.checkpoint_of`)."""
+    from compress.export.artifact import checkpoint_of
 
     try:
-        model, manifest = load(source), read_manifest(source)
+        return checkpoint_of(source)
     except ValueError as e:
         raise ValueError(f"{key}={source!r}: {e}") from None
-    masks = {n: m.weight.detach() != 0 for n, m in prunable_layers(model).items() if bool((m.weight == 0).any())}
-    meta = {k: manifest[k] for k in ("net", "data", "resized") if manifest.get(k)}
-    return Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, masks, meta)
 
 
 def apply_checkpoint(model: nn.Module, ckpt: Checkpoint, source: str, key: str = "model.pretrained") -> None:

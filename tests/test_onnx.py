@@ -132,3 +132,20 @@ def test_cli_onnx_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert exit_.value.code == 2 and "'-3' is not allowed: use an integer >= 0" in capsys.readouterr().err
     assert main([*args, "--check-images", "0"]) == 0  # no check, no data needed
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_a_published_run_dir_with_only_model_cpk_exports(tmp_path: Path, data_root: Path, capsys) -> None:
+    """A published run keeps model.cpk and metrics.json, no model.pt: --onnx works from those."""
+    from compress.export.cli import main
+
+    published = sorted(Path(__file__).resolve().parents[1].glob(
+        "multirun/published/best-full/runs/table3_4_best/nbits=2,prune=global,quant=asym"))
+    if not published:
+        pytest.skip("no published run in this checkout")
+    for name in ("metrics.json", "model.cpk"):
+        (tmp_path / name).write_bytes((published[0] / name).read_bytes())
+    assert main([str(tmp_path), "--onnx", str(tmp_path / "m.onnx"), "--check-images", "200",
+                 "--data", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "18 block convs as UINT4 codes + DequantizeLinear(axis=0)+Add+Where" in out and ": ok" in out
+    assert (tmp_path / "model.cpk").read_bytes() == (published[0] / "model.cpk").read_bytes()  # kept as it is

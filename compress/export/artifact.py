@@ -220,8 +220,9 @@ def _split(data: bytes) -> bytes:
     return payload
 
 
-def _decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The manifest and the decoded tensors of an artifact."""
+def _decode(data: bytes, grids: dict[str, list] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and the decoded tensors of an artifact; ``grids`` (if given) receives each
+    quantized tensor's ``[scales, offsets, nbits]`` by name."""
     r = Reader(_split(data))
     (mlen,) = r.unpack("<I")
     try:
@@ -232,7 +233,10 @@ def _decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     tensors = {}
     for name, shape in tensors_meta:
         r.what = f"record {name!r}"
-        tensors[name] = decode_values(int(np.prod(shape, dtype=np.int64)), r).reshape(shape)
+        grid: list = []
+        tensors[name] = decode_values(int(np.prod(shape, dtype=np.int64)), r, grid).reshape(shape)
+        if grid and grids is not None:
+            grids[name] = grid
     if r.pos != len(r.data):
         raise ValueError(f"malformed artifact: {len(r.data) - r.pos} bytes left after the last record")
     return manifest, tensors
@@ -260,6 +264,23 @@ def load(source: bytes | bytearray | memoryview | str | os.PathLike) -> nn.Modul
 
 def _bytes(source: bytes | bytearray | memoryview | str | os.PathLike) -> bytes:
     return bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+
+
+def checkpoint_of(source: bytes | bytearray | memoryview | str | os.PathLike) -> Checkpoint:
+    """An artifact as the checkpoint it was written from, as far as it holds it: the weights,
+    the quantization with every quantized tensor's grid (what ``--onnx`` needs), the network
+    and data records; pruned weights (exact zeros of the conv/linear weights) as masks."""
+    grids: dict[str, list] = {}
+    manifest, tensors = _decode(_bytes(source), grids)
+    model = load(source)
+    masks = {n: m.weight.detach() != 0 for n, m in prunable_layers(model).items() if bool((m.weight == 0).any())}
+    meta = {k: manifest[k] for k in ("net", "data", "resized") if manifest.get(k)}
+    quant = manifest.get("quant")
+    if quant and grids:
+        widths = {n.removesuffix(".weight"): int(g[2]) for n, g in grids.items() if int(g[2]) != quant["nbits"]}
+        meta["quant"] = {**quant, "grids": {n: {"scale": g[0].tolist(), "offset": g[1].tolist()} for n, g in grids.items()},
+                         **({"layer_nbits": widths} if widths else {})}
+    return Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, masks, meta)
 
 
 def read_manifest(source: bytes | bytearray | memoryview | str | os.PathLike) -> dict[str, Any]:

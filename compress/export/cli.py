@@ -13,6 +13,7 @@ input (one ``error:`` line), 1 if the onnxruntime check fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,21 +32,31 @@ RANDOM_IMAGES = 256  # the most random inputs the check runs where a dataset's t
 
 
 def _resolve(source: str) -> Path:
-    """The checkpoint file of a run dir (``model.pt``) or the file itself."""
+    """The checkpoint file of a run dir (its ``model.pt``, else its ``model.cpk``: a published
+    run keeps only that) or the file itself."""
     path = Path(source).expanduser()
     if path.is_dir():
-        path = path / "model.pt"
+        path = path / "model.pt" if (path / "model.pt").is_file() else path / f"model{SUFFIX}"
     if not path.is_file():
-        raise FileNotFoundError(f"{source}: no such checkpoint (give a run dir holding model.pt, or a .pt file)")
+        raise FileNotFoundError(f"{source}: no such checkpoint (give a run dir holding model.pt or model.cpk, "
+                                "or a .pt/.cpk file)")
     return path
 
 
 def _read(path: Path) -> Checkpoint:
+    """The checkpoint at ``path``; for an artifact, with its run's config (``metrics.json`` beside
+    it, if there is one: what the ONNX check reads its data from)."""
     try:
-        return load_checkpoint(str(path))
+        ckpt = load_checkpoint(str(path))
     except ValueError as e:
         reason = str(e).splitlines()[0]  # torch's unpickling errors run over many lines
         raise ValueError(f"{path}: cannot read the checkpoint ({reason})") from None
+    metrics = path.parent / "metrics.json"
+    if path.suffix == SUFFIX and metrics.is_file():
+        config = json.loads(metrics.read_text()).get("config")
+        if isinstance(config, dict):
+            ckpt.meta["config"] = config
+    return ckpt
 
 
 def _print_size(out: Path, report: dict[str, Any]) -> None:
@@ -166,7 +177,7 @@ def _count(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="run dir (holding model.pt) or checkpoint file")
+    parser.add_argument("source", help="run dir (holding model.pt, or a published one holding model.cpk) or checkpoint file")
     parser.add_argument("-o", "--output", help=f"artifact path (default: next to the checkpoint, *{SUFFIX})")
     parser.add_argument("--fp16", action="store_true", help="store unquantized floats as float16 (the artifact only)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing artifact at the default path")

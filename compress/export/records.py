@@ -165,8 +165,9 @@ class Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
 
 
-def decode_values(numel: int, r: Reader) -> torch.Tensor:
-    """Decode one record from ``r`` into a flat float32 (or int64) tensor of ``numel`` entries."""
+def decode_values(numel: int, r: Reader, grid: list | None = None) -> torch.Tensor:
+    """Decode one record from ``r`` into a flat float32 (or int64) tensor of ``numel`` entries;
+    for a quantized record, ``grid`` (if given) receives its ``(scales, offsets, nbits)``."""
     kind, layout = r.unpack("<BB")
     if kind not in (FLOAT, QUANT, INT, QUANT_CHANNEL) or layout not in LAYOUT_NAMES:
         raise ValueError(f"malformed {r.what}: record kind {kind}, layout {layout}")
@@ -210,6 +211,8 @@ def decode_values(numel: int, r: Reader) -> torch.Tensor:
         if not 1 <= nbits <= 8:
             raise ValueError(f"malformed {r.what}: nbits {nbits}")
         codes = unpack_bits(r.take(packed_size(count, nbits)), nbits, count)
+        if grid is not None:
+            grid.extend([scales.astype(np.float32), offsets.astype(np.float32), nbits])
         channel = (np.arange(numel) if positions is None else positions) // (numel // len(scales))
         vals = dequantize(codes - shift, scales[channel], offsets[channel])
     if positions is None:
