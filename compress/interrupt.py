@@ -105,11 +105,12 @@ class EpochCheckpoint(ModelCheckpoint):
         tmp = Path(f"{filepath}.tmp")
         with critical():
             try:
-                super()._save_checkpoint(trainer, str(tmp))
+                super()._save_checkpoint(trainer, str(tmp))  # under DDP rank 0 writes it
                 if trainer.is_global_zero:
                     os.replace(tmp, filepath)
             finally:
-                tmp.unlink(missing_ok=True)
+                if trainer.is_global_zero:
+                    tmp.unlink(missing_ok=True)
         self._last_checkpoint_saved = filepath
 
 

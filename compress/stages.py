@@ -151,7 +151,8 @@ def run_stage(
             trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
     except Interrupted as e:
         raise e.at(stage.name, trainer.current_epoch + 1, stage.epochs, last)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if rank_zero_only.rank == 0:  # DDP: the rank that writes the epoch checkpoints removes them
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     masks = current_masks(model)
     bake(model)
     after = test(make_trainer(cfg, 0, [], out_dir), module, datamodule) if stage.epochs > 0 else None

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.layers import prunable_layers, quantized_layers
+from compress.layers import prunable_layers, quantizable_layers, quantized_layers
 
 
 def sparsity(model: nn.Module) -> dict[str, Any]:
@@ -24,8 +24,8 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
 
 def counted_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose distinct values count: the quantized ones (baked in this process), else
-    (a model loaded from a file) every conv/linear layer."""
-    return quantized_layers(model) or prunable_layers(model)
+    (a model loaded from a file) the model's default quantized layers."""
+    return quantized_layers(model) or quantizable_layers(model)
 
 
 def distinct_values(model: nn.Module) -> dict[str, int]:
