@@ -37,7 +37,7 @@ def test_published_run_is_found_finished_by_its_command(run: Path, hydra_compose
         pytest.skip("a sensitivity sweep hashes its own summary")
     extra = [f"trainer.precision={resolved['trainer']['precision']}"]  # the host's choice, recorded
     if "model.pretrained" not in " ".join(overrides) and resolved["model"].get("pretrained") is not None:
-        extra.append(f"model.pretrained={pretrained}" if Path(resolved["model"]["pretrained"]).name == pretrained.name
-                      else f"model.pretrained={resolved['model']['pretrained']}")
+        source = pretrained if Path(resolved["model"]["pretrained"]).name == pretrained.name else resolved["model"]["pretrained"]
+        extra.append(f"model.pretrained='{source}'")  # quoted: run dirs hold '=' and ','
     cfg = hydra_compose([*overrides, *extra])
     assert config_hash(cfg) == metrics["config_hash"]

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.output and not args.force:
             if not args.onnx:  # the run's own artifact, described by its metrics.json
                 raise ValueError(f"{out} exists (the run's own artifact): give -o FILE for a new one, or --force to overwrite it")
-            report = size_report(ckpt, fp_dtype)
+            report = size_report(ckpt, fp_dtype) | {"compressed_bytes": out.stat().st_size}  # the file as it is
             print(f"kept {out} (exists; --force rewrites it)")
         else:
             report = save(ckpt, out, fp_dtype)
