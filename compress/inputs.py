@@ -10,19 +10,16 @@ expects. A module's ``check()`` (fail early on missing files) is called where it
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compress.data import DESCRIBED
 from compress.data import describe as data_describe
-
+from compress.targets import build_target, parameters
 
 
 # Keys a data config may hold that its class need not take: what the data is, and the subset
@@ -35,25 +32,13 @@ def instantiate_data(cfg: Mapping[str, Any]) -> pl.LightningDataModule:
     only where the class takes them); ``ValueError`` in one line if it cannot be imported or
     built, takes an argument it does not know, or is no ``LightningDataModule``."""
     target = cfg.get("_target_")
-    try:
-        params = inspect.signature(get_class(target)).parameters
-    except Exception as e:  # noqa: BLE001 - Hydra raises several types for an unimportable name
-        reason = " ".join(str(e).split())
-        raise ValueError(f"data._target_={target!r} cannot be imported ({reason}): check it is on PYTHONPATH") from None
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    _, params, takes_all = parameters(target, "data")
     kwargs = {k: v for k, v in cfg.items() if k not in OPTIONAL or takes_all or k in params}
     unknown = [k for k in kwargs if k != "_target_" and k not in params and not takes_all]
     if unknown:
         raise ValueError(f"data.{unknown[0]} is not an argument of {target}: start from data=custom for a "
                          "data module of your own, or remove the key")
-    try:
-        module = instantiate(kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            raise cause from None
-        reason = " ".join(str(cause or e).split())
-        raise ValueError(f"data._target_={target!r} could not be built ({type(cause or e).__name__}: {reason})") from None
+    module = build_target(kwargs, "data", (ValueError, FileNotFoundError))
     if not isinstance(module, pl.LightningDataModule):
         raise ValueError(f"data._target_={target!r} built a {type(module).__name__}, not a LightningDataModule")
     return module

@@ -10,17 +10,15 @@ class, one yaml and its tests (see the README's "Add a method").
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
 from compress.selection import select_layers
+from compress.targets import build_target, parameters
 
 
 def check_count(key: str, value: object) -> int:
@@ -81,22 +79,9 @@ def build(cfg: DictConfig, key: str) -> Any:
     """Instantiate the config group ``key`` (``prune``, ``quant``, ``distill``) from its
     ``_target_``; ``ValueError`` in one line for a key its class does not take (a typo, or a
     ``+key=`` that no code would read), listing those it does, or for a bad argument."""
-    target = cfg.get("_target_")
-    try:
-        cls = get_class(target)
-    except Exception as e:  # noqa: BLE001 - Hydra raises several types for an unimportable name
-        raise ValueError(f"{key}._target_={target!r} cannot be imported ({e})") from None
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in cfg if k != "_target_" and k not in params]
-        if unknown:
-            allowed = ", ".join(n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD and n != "masks")
-            raise ValueError(f"{key}.{unknown[0]} is not an option of {key} ({cls.__name__}): "
-                             f"use one of {allowed}")
-    try:
-        return instantiate(cfg, _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, ValueError):
-            raise cause from None
-        raise ValueError(f"{key}: {cause or e}") from None
+    cls, params, takes_all = parameters(cfg.get("_target_"), key)
+    unknown = [k for k in cfg if k != "_target_" and k not in params]
+    if unknown and not takes_all:
+        allowed = ", ".join(n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD and n != "masks")
+        raise ValueError(f"{key}.{unknown[0]} is not an option of {key} ({cls.__name__}): use one of {allowed}")
+    return build_target(cfg, key)

@@ -244,11 +244,6 @@ class QuantizationCallback(Method):
         self.abits = check_abits(abits)
         self.bn_recalibration = check_count("quant.bn_recalibration", bn_recalibration)
 
-    @property
-    def layer_nbits(self) -> dict[str, int]:
-        """The bit widths of single layers or patterns, as configured."""
-        return self.layer_patterns
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.install(network(pl_module))
 

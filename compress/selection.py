@@ -134,10 +134,6 @@ class LayerSelection:
         ends = ([next(iter(found))] if self.keep_first and found else []) + ([list(found)[-1]] if self.keep_last and found else [])
         return {n: found[n] for n in chosen if n not in ends}
 
-    def describe(self) -> dict[str, Any]:
-        """The selection as a plain dict (for ``metrics.json``)."""
-        return {"types": list(self.types), "include": None if self.include is None else list(self.include),
-                "exclude": list(self.exclude), "keep_first": self.keep_first, "keep_last": self.keep_last}
 
 
 def model_default(model: nn.Module, kind: str) -> LayerSelection:

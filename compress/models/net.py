@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from torch import nn
+
+from compress.targets import build_target
 
 
 def build_net(cfg: Mapping[str, Any], key: str = "model.net") -> nn.Module:
@@ -23,12 +23,9 @@ def build_net(cfg: Mapping[str, Any], key: str = "model.net") -> nn.Module:
         raise ValueError(f"{key} needs a _target_: the dotted path of a model constructor or class "
                          "(e.g. torchvision.models.mobilenet_v2, or mymodels.SmallCNN on PYTHONPATH)")
     try:
-        net = instantiate(dict(cfg), _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ValueError(f"{key}._target_={target!r} could not be built ({type(cause).__name__}: {reason}): "
-                         "check the name is importable (PYTHONPATH) and its arguments") from None
+        net = build_target(cfg, key, ())
+    except ValueError as e:
+        raise ValueError(f"{e}: check the name is importable (PYTHONPATH) and its arguments") from None
     if not isinstance(net, nn.Module):
         raise ValueError(f"{key}._target_={target!r} built a {type(net).__name__}, not a torch nn.Module")
     return net
