@@ -135,7 +135,6 @@ class LayerSelection:
         return {n: found[n] for n in chosen if n not in ends}
 
 
-
 def model_default(model: nn.Module, kind: str) -> LayerSelection:
     """The default selection of ``kind`` (``prune``, ``quant``, ``channel``) for ``model``: its own
     ``compress_layers[kind]`` if it has one, else :data:`GENERIC`."""
