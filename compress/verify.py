@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.data import InMemoryData, concat_batches, normalize, split_mask
+from compress.data import CIFAR10_FORMAT, InMemoryData, concat_batches, normalize, read_pickles, split_mask
 from compress.export import load
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the checkpoint's normalization
@@ -103,6 +103,16 @@ def test_tensors(data_cfg: dict[str, Any], root: str | Path | None = None) -> Te
     if is_cifar10(data_cfg):
         cfg = data_cfg or {}
         return test_set(cifar10_root(root), cfg.get("mean", MEAN), cfg.get("std", STD))
+    datamodule = _datamodule(data_cfg, root)
+    if isinstance(datamodule, InMemoryData):  # what its test loader yields, without reading the training set
+        x, y = datamodule.read(train=False)
+        return normalize(x, datamodule.mean, datamodule.std).contiguous(), y
+    datamodule.setup("test")
+    return concat_batches(datamodule.test_dataloader())
+
+
+def _datamodule(data_cfg: dict[str, Any], root: str | Path | None) -> Any:
+    """A run's datamodule (ours on the CPU, every test image), ``root`` replacing ``data.root``, data prepared."""
     from compress.inputs import instantiate_data
 
     check_importable(data_cfg.get("_target_"))
@@ -111,11 +121,34 @@ def test_tensors(data_cfg: dict[str, Any], root: str | Path | None = None) -> Te
         cfg["root"] = str(root)
     datamodule = instantiate_data(cfg)
     datamodule.prepare_data()
-    if isinstance(datamodule, InMemoryData):  # what its test loader yields, without reading the training set
-        x, y = datamodule.read(train=False)
-        return normalize(x, datamodule.mean, datamodule.std).contiguous(), y
-    datamodule.setup("test")
-    return concat_batches(datamodule.test_dataloader())
+    return datamodule
+
+
+def calibration_images(data_cfg: dict[str, Any] | None, count: int, root: str | Path | None = None) -> torch.Tensor:
+    """``count`` training images of a run's dataset (a seeded random choice, normalized float32
+    NCHW, no augmentation): what activation ranges are calibrated on. Training images, as the
+    checkpoint has seen them: calibrating fits ranges, it selects nothing. CIFAR-10 from its
+    pickles (root as :func:`test_tensors`); our other datamodules by their ``read``; a user's
+    from the first batches of its training loader (as it yields them)."""
+    if is_cifar10(data_cfg):
+        cfg = data_cfg or {}
+        x, _ = read_pickles(cifar10_root(root), CIFAR10_FORMAT, train=True)
+        mean, std = cfg.get("mean", MEAN), cfg.get("std", STD)
+    else:
+        datamodule = _datamodule(data_cfg, root)
+        if not isinstance(datamodule, InMemoryData):
+            datamodule.setup("fit")
+            images, seen = [], 0
+            for batch in datamodule.train_dataloader():
+                images.append(batch[0].cpu())
+                seen += len(images[-1])
+                if seen >= count:
+                    break
+            return torch.cat(images)[:count].float().contiguous()
+        x, _ = datamodule.read(train=True)
+        mean, std = datamodule.mean, datamodule.std
+    chosen = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:count]
+    return normalize(x[chosen], mean, std).contiguous()
 
 
 @torch.inference_mode()

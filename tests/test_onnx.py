@@ -1,4 +1,4 @@
-"""ONNX export: the graph holds the baked weights exactly (codes + DequantizeLinear for the
+"""ONNX export: the graph holds the baked weights exactly (codes + Cast+Mul for the
 quantized convs), onnxruntime reproduces PyTorch's logits, and the CLI checks it."""
 
 from __future__ import annotations
@@ -53,16 +53,16 @@ def baked(arch: str, prune: bool, quant: tuple | None, seed: int = 0) -> tuple[n
 
 
 CASES = {  # (arch, prune, quant): how the quantized convs are stored
-    ("resnet20", True, ("sym", 4)): "INT4 codes + DequantizeLinear",
-    ("resnet20", False, ("asym", 3)): "UINT4 codes + DequantizeLinear+Add",
-    ("resnet20", False, ("sym", 6)): "INT8 codes + DequantizeLinear",
-    ("resnet32", True, ("asym", 6)): "UINT8 codes + DequantizeLinear+Add+Where",
-    ("resnet56", True, ("asym", 4)): "UINT4 codes + DequantizeLinear+Add+Where",
+    ("resnet20", True, ("sym", 4)): "INT4 codes + Cast+Mul",
+    ("resnet20", False, ("asym", 3)): "UINT4 codes + Cast+Mul+Add",
+    ("resnet20", False, ("sym", 6)): "INT8 codes + Cast+Mul",
+    ("resnet32", True, ("asym", 6)): "UINT8 codes + Cast+Mul+Add+Where(bits)",
+    ("resnet56", True, ("asym", 4)): "UINT4 codes + Cast+Mul+Add+Where(bits)",
     ("resnet44", True, None): None,
     # QuantizationCallback(mode, nbits, clip, granularity, learn_range)
-    ("resnet20", True, ("asym", 3, "minmax", "channel")): "UINT4 codes + DequantizeLinear(axis=0)+Add+Where",
-    ("resnet20", False, ("sym", 4, "mse", "channel", True)): "INT4 codes + DequantizeLinear(axis=0)",
-    ("resnet32", True, ("asym", 2, "mse", "tensor", True)): "UINT4 codes + DequantizeLinear+Add+Where",
+    ("resnet20", True, ("asym", 3, "minmax", "channel")): "UINT4 codes + Cast+Mul(axis=0)+Add+Where(bits)",
+    ("resnet20", False, ("sym", 4, "mse", "channel", True)): "INT4 codes + Cast+Mul(axis=0)",
+    ("resnet32", True, ("asym", 2, "mse", "tensor", True)): "UINT4 codes + Cast+Mul+Add+Where(bits)",
 }
 
 
@@ -115,7 +115,7 @@ def test_cli_writes_and_checks_onnx(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert (tmp_path / "run" / "model.cpk").is_file() and (tmp_path / "m.onnx").is_file()
     assert f"onnx_bytes        {(tmp_path / 'm.onnx').stat().st_size:>10,}  (model.cpk " in out
-    assert "54 block convs as UINT4 codes + DequantizeLinear+Add+Where" in out
+    assert "54 block convs as UINT4 codes + Cast+Mul+Add+Where(bits)" in out
     assert "onnxruntime vs PyTorch on 1000 images" in out and out.rstrip().endswith(": ok")
 
 
@@ -147,5 +147,5 @@ def test_a_published_run_dir_with_only_model_cpk_exports(tmp_path: Path, data_ro
     assert main([str(tmp_path), "--onnx", str(tmp_path / "m.onnx"), "--check-images", "200",
                  "--data", str(data_root)]) == 0
     out = capsys.readouterr().out
-    assert "18 block convs as UINT4 codes + DequantizeLinear(axis=0)+Add+Where" in out and ": ok" in out
+    assert "18 block convs as UINT4 codes + Cast+Mul(axis=0)+Add+Where(bits)" in out and ": ok" in out
     assert (tmp_path / "model.cpk").read_bytes() == (published[0] / "model.cpk").read_bytes()  # kept as it is

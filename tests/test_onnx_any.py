@@ -1,5 +1,5 @@
 """ONNX export of networks other than the CIFAR ResNets (MobileNetV2, a small user CNN): torch
-exports the graph, every quantized weight is stored as integer codes + DequantizeLinear that give
+exports the graph, every quantized weight is stored as integer codes + Cast+Mul that give
 back the baked weight bit for bit, and onnxruntime reproduces PyTorch's logits."""
 
 from __future__ import annotations
@@ -105,13 +105,13 @@ def graph_values(proto: onnx.ModelProto, names: list[str], shape: tuple[int, ...
 
 
 CASES = {  # (net, QuantizationCallback args, layer_nbits pairs): how the quantized weights are stored
-    ("cnn", ("sym", 4), None): {"INT4 codes + DequantizeLinear": 3},
-    ("cnn", ("sym", 4), (("fc1", 8),)): {"INT4 codes + DequantizeLinear": 2, "INT8 codes + DequantizeLinear": 1},
-    ("cnn", ("asym", 3, "minmax", "channel"), None): {"UINT4 codes + DequantizeLinear(axis=0)+Add+Where": 3},
-    ("cnn", ("sym", 8, "mse", "channel"), None): {"INT8 codes + DequantizeLinear(axis=0)": 3},
-    ("cnn", ("asym", 2, "mse", "tensor", True), None): {"UINT4 codes + DequantizeLinear+Add+Where": 3},
-    ("mobilenet_v2", ("asym", 4, "minmax", "channel"), None): {"UINT4 codes + DequantizeLinear(axis=0)+Add+Where": 51},
-    ("mobilenet_v2", ("sym", 6), None): {"INT8 codes + DequantizeLinear": 51},
+    ("cnn", ("sym", 4), None): {"INT4 codes + Cast+Mul": 3},
+    ("cnn", ("sym", 4), (("fc1", 8),)): {"INT4 codes + Cast+Mul": 2, "INT8 codes + Cast+Mul": 1},
+    ("cnn", ("asym", 3, "minmax", "channel"), None): {"UINT4 codes + Cast+Mul(axis=0)+Add+Where(bits)": 3},
+    ("cnn", ("sym", 8, "mse", "channel"), None): {"INT8 codes + Cast+Mul(axis=0)": 3},
+    ("cnn", ("asym", 2, "mse", "tensor", True), None): {"UINT4 codes + Cast+Mul+Add+Where(bits)": 3},
+    ("mobilenet_v2", ("asym", 4, "minmax", "channel"), None): {"UINT4 codes + Cast+Mul(axis=0)+Add+Where(bits)": 51},
+    ("mobilenet_v2", ("sym", 6), None): {"INT8 codes + Cast+Mul": 51},
 }
 CODE_TYPES = {"INT4": TensorProto.INT4, "UINT4": TensorProto.UINT4, "INT8": TensorProto.INT8}
 
@@ -188,7 +188,7 @@ def test_resnet_with_its_own_layer_selection_keeps_the_hand_written_graph() -> N
     graph = to_onnx(ckpt)
     names = [f"{n}.weight" for n in layers]
     assert graph.proto.graph.name == "resnet20" and sorted(graph.coded) == sorted(names)
-    assert graph.describe() == "4 quantized weights as UINT4 codes + DequantizeLinear(axis=0)+Add+Where; the rest float32"
+    assert graph.describe() == "4 quantized weights as UINT4 codes + Cast+Mul(axis=0)+Add+Where(bits); the rest float32"
     readers = {n.input[1]: n.name for n in graph.proto.graph.node if n.op_type in ("Conv", "Gemm")}
     assert readers[graph.weights["linear.weight"]] == "logits" and readers[graph.weights["conv1.weight"]] == "conv1.out"
     for name, v in zip(names, graph_values(graph.proto, [graph.weights[n] for n in names])):

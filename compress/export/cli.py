@@ -1,4 +1,4 @@
-"""``python -m compress.export RUN_DIR [-o FILE] [--fp16] [--onnx FILE]``: pack, report, check.
+"""``python -m compress.export RUN_DIR [-o FILE] [--fp16] [--onnx FILE] [--int8 FILE]``: pack, report, check.
 
 Writes ``RUN_DIR/model.cpk`` (or ``-o``) from ``RUN_DIR/model.pt`` and prints its size report
 (an existing ``model.cpk``, the run's own, is kept unless ``--force``);
@@ -6,8 +6,12 @@ with ``--onnx FILE`` also the ONNX model, whose logits onnxruntime must reproduc
 ``--check-images`` CIFAR-10 test images (default all 10,000; 0 skips the check). A network
 trained on another dataset (its checkpoint's data config) is checked on that dataset's test
 images (``compress.verify.test_tensors``), or where they cannot be had on at most
-:data:`RANDOM_IMAGES` random inputs of its input shape, with a note. Exit status 2 on bad
-input (one ``error:`` line), 1 if the onnxruntime check fails.
+:data:`RANDOM_IMAGES` random inputs of its input shape, with a note. With ``--int8 FILE``
+also the int8 QDQ graph onnxruntime runs on its integer kernels (``compress.export.int8``),
+activation ranges calibrated on ``--calibration`` training images; it reports the integer
+kernels a default session runs and the accuracy of both graphs on the first
+``--check-images`` test images. Exit status 2 on bad input (one ``error:`` line), 1 if an
+onnxruntime check fails.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from compress.export.artifact import SUFFIX, reference, save, size_report
 CIFAR10_TARGET = "compress.data.CIFAR10Data"  # the data config's _target_ for CIFAR-10
 CIFAR10_SHAPE = (3, 32, 32)
 RANDOM_IMAGES = 256  # the most random inputs the check runs where a dataset's test images are missing
+MIN_INT8_AGREEMENT = 0.97  # int8 vs float graph: the least fraction of test images both put in the same class
 
 
 def _resolve(source: str) -> Path:
@@ -168,6 +173,42 @@ def export_onnx(ckpt: Checkpoint, out: Path, report: dict[str, Any], images: tor
     return agreement.ok
 
 
+def export_int8(ckpt: Checkpoint, out: Path, count: int, method: str, data: str | None, check: int) -> bool:
+    """Write the int8 QDQ graph of ``ckpt`` to ``out`` (ranges calibrated on ``count`` training
+    images by ``method``), print what it holds and the kernels onnxruntime runs, and its
+    accuracy beside the float graph's on ``check`` test images; returns whether every
+    convolution runs as ``QLinearConv`` and the two agree on at least :data:`MIN_INT8_AGREEMENT`."""
+    from compress.export.int8 import fused_ops, to_int8
+    from compress.verify import calibration_images, test_tensors
+
+    onnx_model, cfg = _onnx_module(), data_config(ckpt)
+    graph = to_int8(ckpt, calibration_images(cfg, count, data), method)
+    atomic_write(out, lambda f: f.write(graph.proto.SerializeToString()))
+    ops = fused_ops(out)
+    convs = len(graph.exact) + len(graph.requantized)
+    print(f"wrote {out}")
+    print(f"  onnx_bytes        {out.stat().st_size:>10,}")
+    print(f"  quantized         {graph.describe()} (ranges: {method} on {count} training images)")
+    print(f"  onnxruntime runs  {ops['QLinearConv']} of {convs} convs as QLinearConv, {ops['QLinearAdd']} QLinearAdd")
+    ok = ops["QLinearConv"] == convs
+    if check:
+        x, y = (t[:check] for t in test_tensors(cfg or {}, data))
+        float_graph = onnx_model.session(onnx_model.to_onnx(ckpt).proto)
+        int8_graph = onnx_model.session(out)
+        p_float, p_int8 = (_predictions(s, x) for s in (float_graph, int8_graph))
+        agree = float((p_float == p_int8).float().mean())
+        print(f"  accuracy          int8 {float((p_int8 == y).float().mean()):.4f}, float "
+              f"{float((p_float == y).float().mean()):.4f} on {len(y)} test images (same class {agree:.2%})")
+        ok = ok and agree >= MIN_INT8_AGREEMENT
+    return ok
+
+
+def _predictions(sess: Any, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The class onnxruntime session ``sess`` predicts for each image of ``x``."""
+    return torch.cat([torch.from_numpy(sess.run(["logits"], {"images": x[i:i + batch].float().contiguous().numpy()})[0])
+                      .argmax(1) for i in range(0, len(x), batch)])
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use an integer >= 0")
@@ -184,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", type=Path, metavar="FILE", help="also write the network as ONNX and check it")
     parser.add_argument("--check-images", type=_count, default=10_000, metavar="N",
                         help="test images the onnxruntime check runs (default: 10000, all; 0: no check)")
+    parser.add_argument("--int8", type=Path, metavar="FILE",
+                        help="also write the int8 QDQ graph onnxruntime runs on integer kernels, and check it")
+    parser.add_argument("--calibration", type=_count, default=1024, metavar="N",
+                        help="training images the int8 activation ranges are calibrated on (default 1024)")
+    parser.add_argument("--calibration-method", choices=("mse", "minmax"), default="mse",
+                        help="int8 activation ranges: least squared error (default) or min/max")
     parser.add_argument("--data", help="data root for the check (CIFAR-10: default $COMPRESS_DATA; "
                                        "another dataset: default its config's root)")
     args = parser.parse_args(argv)
@@ -191,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
         path = _resolve(args.source)
         ckpt = _read(path)
         images = None
-        if args.onnx:  # fail before writing anything: the extra is missing, or the test images
+        if args.onnx or args.int8:  # fail before writing anything: the extra is missing, or the test images
             _onnx_module()
+        if args.int8 and not args.calibration:
+            raise ValueError("--calibration 0 is not allowed with --int8: its activation ranges need training images")
+        if args.onnx:
             images = _test_images(args.check_images, args.data, ckpt)
         out = Path(args.output) if args.output else path.with_suffix(SUFFIX)
         fp_dtype = "float16" if args.fp16 else "float32"
         if out.exists() and not args.output and not args.force:
-            if not args.onnx:  # the run's own artifact, described by its metrics.json
+            if not (args.onnx or args.int8):  # the run's own artifact, described by its metrics.json
                 raise ValueError(f"{out} exists (the run's own artifact): give -o FILE for a new one, or --force to overwrite it")
             report = size_report(ckpt, fp_dtype) | {"compressed_bytes": out.stat().st_size}  # the file as it is
             print(f"kept {out} (exists; --force rewrites it)")
@@ -205,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             report = save(ckpt, out, fp_dtype)
             _print_size(out, report)
         ok = export_onnx(ckpt, args.onnx, report, images) if args.onnx else True
+        if args.int8:
+            ok = export_int8(ckpt, args.int8, args.calibration, args.calibration_method, args.data,
+                             args.check_images) and ok
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,20 +12,20 @@ In both:
 - A quantized weight (a ResNet's block convs; in another network, each weight its recorded
   grids name, conv or linear) is stored as its integer codes (INT4/UINT4 for nbits <= 4, else
   INT8/UINT8) and a float32 scale, per tensor or (``granularity=channel``) per output channel
-  (``axis=0``), turned into weights by ``DequantizeLinear`` (zero point 0: ``code * scale``,
-  the first rounding of ``compress.quant``). ``sym`` levels are exactly that, pruned zeros
-  being code 0. ``asym`` levels ``code * scale + min`` are not: ``DequantizeLinear``'s zero
-  point is an integer and ``min`` is not a whole number of steps, so an ``Add`` of ``min``
-  (per channel: a C x 1 x 1 x 1 tensor) follows (the second rounding, as in
-  ``compress.quant``), and where some weights are exact zeros off the grid (pruned ``asym``
-  weights) a ``Where`` with a boolean mask keeps them zero. Every weight comes back bit for
-  bit (emulated in float32 before writing, :meth:`CodedWeight.values`; a mismatch is an
-  export bug and raises).
+  (a C x 1 x 1 x 1 tensor), turned into weights by ``Cast`` and ``Mul`` (``code * scale``, the
+  first rounding of ``compress.quant``). ``sym`` levels are exactly that, pruned zeros being
+  code 0. ``asym`` levels ``code * scale + min`` need an ``Add`` of ``min`` (the second
+  rounding, as in ``compress.quant``), and where some weights are exact zeros off the grid
+  (pruned ``asym`` weights) a ``Where`` keeps them zero, its mask stored as one bit per weight.
+  All of it is float arithmetic on constants, which onnxruntime folds into float32 weights
+  when it loads the file, so the graph runs at the dense graph's speed in a default session.
+  Every weight comes back bit for bit (emulated in float32 before writing,
+  :meth:`CodedWeight.values`; a mismatch is an export bug and raises).
 - Everything else (stem conv, classifier, BatchNorm, unquantized layers and models) is plain float32.
 - Fake-quantized activations (``quant.abits``, CIFAR ResNets) are ``Div``, ``Clip``, ``Round``,
   ``Mul`` by their float32 step, the operations ``compress.actquant`` computes (both round half to even).
 
-Opset 21 (INT4 ``DequantizeLinear``; torch's exporter writes opset 20, converted by
+Opset 21 (INT4 tensors; torch's exporter writes opset 20, converted by
 ``onnx.version_converter``). The dependencies are the ``onnx`` extra
 (``pip install -e .[onnx]``).
 """
@@ -68,8 +68,8 @@ CODE_TYPES = {(True, True): (ml_dtypes.int4, "INT4"), (False, True): (ml_dtypes.
 
 @dataclass
 class CodedWeight:
-    """A quantized weight as the graph computes it: ``DequantizeLinear(codes, scale)`` (zero
-    point 0; per output channel, ``axis=0``, where ``scale`` has one entry per channel), then
+    """A quantized weight as the graph computes it: ``Cast(codes) * scale`` (per output
+    channel where ``scale`` has one entry per channel), then
     ``Add`` of the grid's ``offset`` where it has one (asym: its minimum), then
     ``Where(on_grid, ., 0)`` where some weights are zeros off the grid (pruned asym).
     ``scale`` and ``offset`` are float32, 0-d per tensor, shaped ``C x 1 x 1 x 1`` per channel."""
@@ -86,9 +86,9 @@ class CodedWeight:
 
     @property
     def ops(self) -> str:
-        """The nodes that make the weight, e.g. ``DequantizeLinear+Add``."""
-        dequantize = "DequantizeLinear(axis=0)" if self.per_channel else "DequantizeLinear"
-        return "+".join([dequantize, *["Add"] * bool(self.offset.any()), *["Where"] * (self.on_grid is not None)])
+        """The nodes that make the weight, e.g. ``Cast+Mul+Add``."""
+        dequantize = "Cast+Mul(axis=0)" if self.per_channel else "Cast+Mul"
+        return "+".join([dequantize, *["Add"] * bool(self.offset.any()), *["Where(bits)"] * (self.on_grid is not None)])
 
     def values(self) -> np.ndarray:
         """What onnxruntime computes, in float32 as it does (``compress.quant``'s two roundings)."""
@@ -150,27 +150,44 @@ class _Graph:
 
     def dequantized(self, key: str, coded: CodedWeight) -> str:
         """The nodes that compute the weight ``key`` from its codes (:class:`CodedWeight`:
-        ``DequantizeLinear``, then ``Add`` and ``Where`` where needed); returns their output."""
-        axis = {"axis": 0} if coded.per_channel else {}
-        y = self.op("DequantizeLinear", [self.const(f"{key}.codes", coded.codes),
-                                         self.const(f"{key}.scale", coded.scale.reshape(-1) if axis else coded.scale)],
-                    f"{key}.dequantized", **axis)
+        ``Cast`` and ``Mul``, then ``Add`` and ``Where`` where needed); returns their output.
+        Plain float ops on constants: onnxruntime folds them into float32 weights as it loads
+        the file, in any session. (``DequantizeLinear`` would stay unfolded in a default
+        session, kept for a quantized activation this graph does not have: every inference
+        would recompute the weights, at about half the dense model's speed.)"""
+        codes = self.op("Cast", [self.const(f"{key}.codes", coded.codes)], f"{key}.float", to=TensorProto.FLOAT)
+        y = self.op("Mul", [codes, self.const(f"{key}.scale", coded.scale)], f"{key}.dequantized")
         if coded.offset.any():
             y = self.op("Add", [y, self.const(f"{key}.offset", coded.offset)], f"{key}.shifted")
         if coded.on_grid is not None:
-            y = self.op("Where", [self.const(f"{key}.on_grid", coded.on_grid), y,
+            y = self.op("Where", [self.unpacked(key, coded.on_grid), y,
                                   self.const(f"{key}.zero", np.array(0, np.float32))], f"{key}.masked")
         return y
 
+    def unpacked(self, key: str, mask: np.ndarray) -> str:
+        """The boolean ``mask`` stored as one bit per weight (``np.packbits``, first bit the
+        highest), unpacked by ``BitShift``, ``BitwiseAnd``, ``Slice`` and ``Cast`` (folded at load)."""
+        bits = self.const(f"{key}.on_grid.bits", np.packbits(mask.reshape(-1)).reshape(-1, 1))
+        shifts = self.const(f"{key}.on_grid.shifts", np.arange(7, -1, -1, dtype=np.uint8))
+        each = self.op("BitwiseAnd", [self.op("BitShift", [bits, shifts], f"{key}.on_grid.shifted", direction="RIGHT"),
+                                      self.const(f"{key}.on_grid.one", np.array(1, np.uint8))], f"{key}.on_grid.each")
+        flat = self.op("Reshape", [each, self.const(f"{key}.on_grid.flat", np.array([-1]))], f"{key}.on_grid.flat_bits")
+        ends = [self.const(f"{key}.on_grid.{k}", np.array([v])) for k, v in (("start", 0), ("end", mask.size))]
+        shape = self.const(f"{key}.on_grid.shape", np.array(mask.shape))
+        shaped = self.op("Reshape", [self.op("Slice", [flat, *ends], f"{key}.on_grid.sliced"), shape], f"{key}.on_grid.shaped")
+        return self.op("Cast", [shaped], f"{key}.on_grid", to=TensorProto.BOOL)
 
-def to_onnx(ckpt: Checkpoint) -> OnnxModel:
+
+def to_onnx(ckpt: Checkpoint, codes: bool = True) -> OnnxModel:
     """The ONNX model of a baked checkpoint (input ``images`` N x C x H x W, normalized as for
     training; output ``logits`` N x classes): a CIFAR ResNet's graph written by hand
     (:func:`resnet_to_onnx`), any other network's exported by torch (:func:`module_to_onnx`).
-    ``ValueError`` if the network cannot be rebuilt or its quantized tensors are off their grid."""
+    Quantized weights are stored as their codes, or with ``codes=False`` as float32 (the
+    values are the same). ``ValueError`` if the network cannot be rebuilt or its quantized
+    tensors are off their grid."""
     if arch_of(ckpt.state_dict) in ARCHS:
-        return resnet_to_onnx(ckpt)
-    quant = quant_meta(ckpt)
+        return resnet_to_onnx(ckpt, codes)
+    quant = quant_meta(ckpt) if codes else None
     quantized = set(quant.grids) if quant else set()
     if quant and not quantized:
         raise ValueError("checkpoint meta: quantized, but no grids recorded (meta['quant']['grids']): "
@@ -193,13 +210,14 @@ def _net_name(ckpt: Checkpoint) -> str:
     return target.rpartition(".")[2]
 
 
-def resnet_to_onnx(ckpt: Checkpoint) -> OnnxModel:
+def resnet_to_onnx(ckpt: Checkpoint, codes: bool = True) -> OnnxModel:
     """The hand-written graph of a CIFAR ResNet checkpoint (input N x 3 x 32 x 32): see the
     module docstring. The quantized weights are those with recorded grids (older checkpoints:
-    the block convs). ``ValueError`` if it is not one or its quantized tensors are off their grid."""
+    the block convs), stored as codes unless ``codes=False``. ``ValueError`` if it is not one
+    or its quantized tensors are off their grid."""
     model = reference(ckpt)
     sd = {k: v.detach().cpu() for k, v in ckpt.state_dict.items()}
-    quant = quant_meta(ckpt)
+    quant = quant_meta(ckpt) if codes else None
     blocks = {f"{n}.weight" for n in quantizable_layers(model)}
     quantized = (set(quant.grids) or blocks) if quant else set()  # checkpoints from before grids: the blocks
     g, out = _Graph(), OnnxModel(onnx.ModelProto())
@@ -380,15 +398,10 @@ class Agreement:
 
 
 def session(source: onnx.ModelProto | str | Path, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session of a model or ``.onnx`` file (``threads`` 0: its default).
-
-    The QDQ passes are off: they keep ``DequantizeLinear`` out of constant folding (to fuse it
-    with a quantized activation, which this graph does not have), so every inference would
-    recompute the weights and could not fold BatchNorm into the convolutions (about half the
-    throughput). Folded, the weights are the same float32 values, computed once."""
+    """An onnxruntime CPU session of a model or ``.onnx`` file (``threads`` 0: its default), with
+    default options, as a user would load it."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
     model = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
