@@ -15,7 +15,8 @@ Variants (all from one dense model: the published weights ``model=<arch>`` loads
   ``reduce_range=True`` variant);
 - channel-pruned networks, fp32 and int8: ``--channel RUN_DIR`` (fine-tuned, e.g. the published
   ``experiment=channel`` run) and ``--macs 2,4`` (pruned here from the dense model with
-  ``prune=channel``'s defaults, *not* fine-tuned: their accuracy is not a result, their speed is).
+  ``prune=channel``'s defaults, ``--round-to N``: channel counts a multiple of N), *not*
+  fine-tuned: their accuracy is not a result, their speed is).
 
 Every engine runs on one thread (``torch.set_num_threads(1)``, ``intra_op_num_threads=1``,
 otherwise default session options, as a user loads a file). Throughput: batches of 256, the
@@ -117,10 +118,11 @@ def ort_quantize_static(proto: onnx.ModelProto, images: torch.Tensor, reduce_ran
         return onnx.load(out)
 
 
-def channel_pruned(dense: nn.Module, speedup: float) -> nn.Module:
-    """``dense`` with whole channels removed to ``1/speedup`` of its MACs (``prune=channel``'s defaults), not fine-tuned."""
+def channel_pruned(dense: nn.Module, speedup: float, round_to: int | None) -> nn.Module:
+    """``dense`` with whole channels removed to ``1/speedup`` of its MACs (``prune=channel``'s
+    defaults, channel counts a multiple of ``round_to``), not fine-tuned."""
     model = copy.deepcopy(dense)
-    ChannelPruning(macs_speedup=speedup).prune(model)
+    ChannelPruning(macs_speedup=speedup, round_to=round_to).prune(model)
     return model.eval()
 
 
@@ -158,7 +160,7 @@ def variants(a: argparse.Namespace, calib: torch.Tensor) -> list[Variant]:
         model.load_state_dict(ckpt.state_dict)
         pruned.append((f"channel {macs / count_macs(model, example)[0]:.2f}x", ckpt, model.eval(), "fine-tuned"))
     for speedup in a.macs:
-        model = channel_pruned(dense, speedup)
+        model = channel_pruned(dense, speedup, a.round_to)
         pruned.append((f"channel {macs / count_macs(model, example)[0]:.2f}x", checkpoint_of(model), model,
                        "not fine-tuned"))
     for name, ckpt, model, note in pruned:
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compressed", help="a run dir whose model.cpk is the compressed variant")
     p.add_argument("--channel", help="a channel-pruned, fine-tuned run dir (experiment=channel)")
     p.add_argument("--macs", default="2,4", help="MAC reductions to prune to here, not fine-tuned (default 2,4; '' none)")
+    p.add_argument("--round-to", type=int, help="channel counts of --macs variants a multiple of this (e.g. 8)")
     p.add_argument("--ort-reduce-range", action="store_true", help="also onnxruntime's reduce_range=True variant")
     p.add_argument("--repeats", type=int, default=5, help="throughput rounds (default 5)")
     p.add_argument("--latency-runs", type=int, default=200, help="batch-1 runs per variant (default 200)")

@@ -1,7 +1,7 @@
 """compress: prune and quantize small vision models, swept with Hydra.
 
-The public API, for a Lightning ``Trainer`` or a plain PyTorch loop of one's own (see the
-README's "Use it as a library"):
+The public API, for a Lightning ``Trainer`` or a plain PyTorch loop of one's own (see
+docs/library.md):
 
 - callbacks: :class:`PruningCallback`, :class:`QuantizationCallback`,
   :class:`DistillationCallback` (each a method of the Hydra app's ``prune=``/``quant=``/``distill=``);

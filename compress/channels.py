@@ -66,6 +66,8 @@ class ChannelPruning(Method):
         scope: ``local`` (every layer loses the same fraction) or ``global`` (one ranking).
         ratio_step: the fraction removed per step while reaching ``macs_speedup``.
         image_size: the square input size the MACs are counted at (the data's; default 32).
+        round_to: keep a multiple of this many channels in every pruned layer (8 or 16: integer
+            and vector kernels then run at full width; null: any count).
         method: its label (``channel``).
         epochs: fine-tuning epochs of the stage.
         layers: which layers may lose output channels (see :mod:`compress.selection`).
@@ -74,7 +76,8 @@ class ChannelPruning(Method):
     stage, verb, layer_kind = "prune", "prune", "channel"
 
     def __init__(self, ratio: float = 0.5, macs_speedup: float | None = None, importance: str = "l1",
-                 scope: str = "local", ratio_step: float = 0.05, image_size: int = 32, method: str = "channel",
+                 scope: str = "local", ratio_step: float = 0.05, image_size: int = 32, round_to: int | None = None,
+                 method: str = "channel",
                  epochs: int = 0, layers: Mapping[str, Any] | None = None,
                  masks: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__(epochs, layers)
@@ -91,7 +94,9 @@ class ChannelPruning(Method):
         self.ratio_step = _fraction("prune.ratio_step", ratio_step)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"prune.image_size={image_size!r} is not allowed: use a positive integer")
-        self.image_size, self.method = image_size, method
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"prune.round_to={round_to!r} is not allowed: use a positive integer (8, 16) or null")
+        self.image_size, self.round_to, self.method = image_size, round_to, method
         self.before: tuple[int, int] | None = None
         self.after: tuple[int, int] | None = None
         self.done = False
@@ -114,7 +119,7 @@ class ChannelPruning(Method):
     def record(self, model: nn.Module) -> dict[str, Any]:
         """Its target, and the MACs and parameters before and after."""
         (macs0, params0), (macs1, params1) = self.before or (0, 0), self.after or (0, 0)
-        return {"method": self.method, "importance": self.importance, "scope": self.scope,
+        return {"method": self.method, "importance": self.importance, "scope": self.scope, "round_to": self.round_to,
                 "ratio": None if self.macs_speedup else self.ratio, "macs_speedup_target": self.macs_speedup,
                 "macs": {"before": macs0, "after": macs1, "speedup": macs0 / macs1 if macs1 else None},
                 "params": {"before": params0, "after": params1},
@@ -146,7 +151,7 @@ class ChannelPruning(Method):
         model.eval()
         pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=target,
                                       iterative_steps=steps, ignored_layers=ignored,
-                                      global_pruning=self.scope == "global")
+                                      global_pruning=self.scope == "global", round_to=self.round_to)
         for _ in range(steps):
             pruner.step()
             if self.macs_speedup is not None and count_macs(model, example)[0] * self.macs_speedup <= self.before[0]:

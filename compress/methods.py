@@ -5,7 +5,7 @@
 arguments), lets it check the network (:meth:`Method.prepare`), runs one fine-tuning stage of
 ``epochs`` with :meth:`Method.callbacks`, and writes what :meth:`Method.record` says it did into
 ``metrics.json``. Nothing else in the pipeline knows a method's arguments, so a new method is one
-class, one yaml and its tests (see the README's "Add a method").
+class, one yaml and its tests (see docs/adding-a-method.md).
 """
 
 from __future__ import annotations
