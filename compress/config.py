@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from importlib import resources
+from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -57,6 +59,58 @@ def check_keys(group: str, given: object, allowed: list[str]) -> None:
     unknown = [k for k in (given or {}) if k not in allowed]
     if unknown:
         raise ValueError(f"{group}.{unknown[0]} is not an option of {group}: use one of {', '.join(allowed)}")
+
+
+# The config groups of the compression methods: an option without a ``_target_`` (``none``) runs
+# no method, and the key that names the option.
+METHOD_GROUPS = {"prune": "method", "quant": "mode", "distill": "kind"}
+# Top-level options that only feed a method's option (``quant.nbits: ${nbits}``): the group,
+# and its options that read them.
+FEEDS = {"nbits": ("quant", "sym|asym"), "ramp_epochs": ("prune", "iterative|global")}
+
+
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group`` (``conf/<group>/*.yaml``), sorted."""
+    return sorted(p.name.removesuffix(".yaml") for p in (resources.files("compress.conf") / group).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def no_effect(setting: str, group: str, choice: str, others: str | None = None) -> str:
+    """The message for ``setting`` (``key=value``, or a key) that ``group=choice`` ignores: drop
+    it, or choose one of ``others`` (default: the group's other options)."""
+    others = others or "|".join(o for o in group_options(group) if o != choice)
+    return f"{setting} has no effect with {group}={choice}: drop it or choose {group}={others}"
+
+
+def refers_to(node: Any, key: str) -> bool:
+    """Whether an unresolved plain config ``node`` holds an interpolation of the top-level ``key``."""
+    if isinstance(node, Mapping):
+        return any(refers_to(v, key) for v in node.values())
+    if isinstance(node, list):
+        return any(refers_to(v, key) for v in node)
+    return isinstance(node, str) and "${" + key + "}" in node
+
+
+def check_effect(cfg: DictConfig, overrides: Sequence[str], choices: Mapping[str, Any]) -> None:
+    """``ValueError`` naming the first of a single run's command-line ``overrides`` that would
+    change nothing but the run dir's name, with the fix: a top-level option of :data:`FEEDS` that
+    no option of ``cfg`` reads (``nbits=3`` with ``quant=none``), or an option of a method group
+    whose chosen option (``choices``: Hydra's) runs no method (``+prune.sparsity=0.5`` with
+    ``prune=none``). Sweeps are not checked: they cross such options with every method on purpose."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for override in overrides:
+        key, assigned, value = override.lstrip("+~").partition("=")
+        group = key.split(".")[0]
+        if not assigned or key in choices:
+            continue
+        if key in FEEDS and not refers_to(raw, key):
+            group, readers = FEEDS[key]
+            if choices.get(group) in readers.split("|"):  # read by the method, but set there as well
+                raise ValueError(f"{key}={value} has no effect beside {group}.{key}={cfg[group].get(key)}: "
+                                 f"drop one of them")
+            raise ValueError(no_effect(f"{key}={value}", group, choices.get(group), readers))
+        if "." in key and group in METHOD_GROUPS and "_target_" not in cfg[group]:
+            raise ValueError(no_effect(f"{key}={value}", group, choices.get(group)))
 
 
 def _arguments(cls: type, leave_out: tuple[str, ...] = ()) -> list[str]:
@@ -121,6 +175,7 @@ NEUTRAL: dict[str, object] = {
     "data.image_size": 32,
     # never binding in a published run: their most pruned layer keeps 0.16% of its weights
     "prune.min_density": 0.001,
+    "prune.round_to": None,  # prune=channel: any channel count, as before the option
 }
 # Keys that repeat another key's value (an interpolation): left out of the hash where they
 # still do, so they add nothing to it. Dotted key -> the key it repeats.

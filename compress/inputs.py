@@ -36,8 +36,9 @@ def instantiate_data(cfg: Mapping[str, Any]) -> pl.LightningDataModule:
     kwargs = {k: v for k, v in cfg.items() if k not in OPTIONAL or takes_all or k in params}
     unknown = [k for k in kwargs if k != "_target_" and k not in params and not takes_all]
     if unknown:
-        raise ValueError(f"data.{unknown[0]} is not an argument of {target}: start from data=custom for a "
-                         "data module of your own, or remove the key")
+        takes = ", ".join(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        raise ValueError(f"data.{unknown[0]} is not an argument of {target} (it takes {takes}): start from "
+                         "data=custom for a data module of your own, or remove the key")
     module = build_target(kwargs, "data", (ValueError, FileNotFoundError))
     if not isinstance(module, pl.LightningDataModule):
         raise ValueError(f"data._target_={target!r} built a {type(module).__name__}, not a LightningDataModule")

@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import Logger
 
 # Logger class name -> (packages, any of which it needs; how to install one)
 REQUIRES: dict[str, tuple[tuple[str, ...], str]] = {
-    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "pip install 'compress[tensorboard]'"),
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), 'pip install -e ".[tensorboard]"'),
     "WandbLogger": (("wandb",), "pip install wandb"),
     "MLFlowLogger": (("mlflow",), "pip install mlflow"),
 }

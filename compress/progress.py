@@ -4,9 +4,11 @@
 training epoch, the stage, epoch/total, train loss and accuracy, validation accuracy, learning
 rate, training images/s, the stage's elapsed time and ETA, and the ETA of the whole run (its
 later stages' epochs at the same pace); early in each stage's first epoch one line estimates
-the epoch and the run from the first batches. ``progress=bar`` shows Lightning's progress bar
-instead, and the same lines go to the run's ``train.log`` only; ``progress=none`` shows neither
-(``train.log`` still gets them). The lines go through the ``compress`` logger.
+the epoch and the run from the first batches. ``progress=bar`` shows Lightning's (tqdm) progress
+bar instead (:class:`StageBar`: described as ``<stage> <epoch>/<epochs>``, with the whole run's
+ETA beside the epoch's), and the same lines go to the run's ``train.log`` only;
+``progress=none`` shows neither (``train.log`` still gets them). The lines go through the
+``compress`` logger.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 log = logging.getLogger("compress")
 
@@ -107,3 +110,44 @@ class ProgressLog(pl.Callback):
         self.out.info("%s epoch %d/%d  loss %.4f  acc %.4f%s  lr %.2e  %.0f img/s  elapsed %s  ETA %s%s",
                       self.stage, done, total, m.get("train/loss", float("nan")), m.get("train/acc", float("nan")), val,
                       lr, self.images / max(self.last_batch - self.epoch_t0, 1e-9), duration(elapsed), duration(eta), run)
+
+
+class StageBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, its training bar described as ``<stage> <epoch>/<epochs>``
+    (``prune 3/20``) and showing ``run ETA``: the time left in the whole run (this stage's
+    batches left and ``later_epochs`` of the later stages) at the pace of its batches so far,
+    validation included.
+
+    Args:
+        stage: the stage's name.
+        later_epochs: training epochs of the run's stages after this one.
+    """
+
+    def __init__(self, stage: str, later_epochs: int = 0) -> None:
+        super().__init__()
+        self.stage, self.later = stage, later_epochs
+        self.t0 = 0.0
+        self.batches = self.in_epoch = 0  # training batches done since the fit started, in this epoch
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.t0, self.batches = time.perf_counter(), 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.in_epoch = 0
+        self.train_progress_bar.set_description(f"{self.stage} {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.batches, self.in_epoch = self.batches + 1, batch_idx + 1
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The bar's postfix: Lightning's metrics without the logger's version, and the run's ETA."""
+        items = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
+        if self.batches:
+            epochs_left = trainer.max_epochs - trainer.current_epoch + self.later  # this one's included
+            left = epochs_left * trainer.num_training_batches - self.in_epoch
+            items["run ETA"] = duration((time.perf_counter() - self.t0) / self.batches * left)
+        return items

@@ -168,6 +168,15 @@ class KeepMasks(pl.Callback):
             install_masks(model, {n: modules[n] for n in self.masks}, self.masks)
 
 
+def ramp_fit(ramp_epochs: int, epochs: int, lead: str = " with") -> str:
+    """The end of a message saying how a ramp of ``ramp_epochs`` fits a stage of ``epochs``
+    (``prune.epochs``, which follows ``trainer.max_epochs``); empty where it already fits."""
+    if ramp_epochs <= epochs:
+        return ""
+    lower = f"prune.ramp_epochs={epochs} or less, or " if epochs else ""
+    return f"{lead} {lower}trainer.max_epochs={ramp_epochs} (or prune.epochs={ramp_epochs}, where it is set)"
+
+
 class PruningCallback(Method):
     """Magnitude pruning of the selected weights to ``sparsity`` on a linear cumulative ramp.
 
@@ -220,12 +229,13 @@ class PruningCallback(Method):
         self.method = method or ("oneshot" if ramp_epochs == 0 else scope)
         if self.method == "oneshot" and ramp_epochs != 0:
             raise ValueError(f"prune.ramp_epochs={ramp_epochs} is not allowed for prune=oneshot (it prunes once, at "
-                             "the start): use prune=iterative for a ramp")
+                             f"the start): drop it, or for a ramp use prune=iterative{ramp_fit(ramp_epochs, self.epochs)}")
         if method is not None and self.method != "oneshot" and ramp_epochs == 0:
-            raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={self.method}: use prune=oneshot")
+            raise ValueError(f"prune.ramp_epochs=0 is not allowed for prune={self.method}: use prune=oneshot"
+                             + ("" if self.epochs else ", or give the stage epochs to ramp over (trainer.max_epochs)"))
         if method is not None and ramp_epochs > self.epochs:
-            raise ValueError(f"prune.ramp_epochs={ramp_epochs} is longer than prune.epochs={self.epochs}: the target "
-                             "sparsity would never be reached (lower prune.ramp_epochs or raise trainer.max_epochs)")
+            raise ValueError(f"prune.ramp_epochs={ramp_epochs} is longer than prune.epochs={self.epochs} (the target "
+                             f"sparsity would never be reached){ramp_fit(ramp_epochs, self.epochs, ': use')}")
         self.scope, self.ramp_epochs, self.min_density = scope, ramp_epochs, float(min_density)
         self.initial_masks = dict(masks or {})
 
@@ -264,8 +274,8 @@ class PruningCallback(Method):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs < self.ramp_epochs:
             raise ValueError(
-                f"prune.ramp_epochs={self.ramp_epochs} is longer than the stage's "
-                f"{trainer.max_epochs} epochs: the target sparsity would never be reached"
+                f"prune.ramp_epochs={self.ramp_epochs} is longer than the stage's {trainer.max_epochs} epochs: the "
+                f"target sparsity would never be reached (train the stage for {self.ramp_epochs} epochs or more)"
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -30,6 +30,7 @@ from importlib import resources
 import itertools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -44,6 +45,7 @@ from compress.checkpoint import save_checkpoint
 from compress.config import DEFAULT_MODEL, model_tag
 from compress.interrupt import Interrupted, stop_on_signals
 from compress.layers import prunable_layers
+from compress.models.weights import weights_dir
 from compress.report import write_report
 from compress.train import hardware
 
@@ -54,6 +56,7 @@ RECIPES = ("table3_2_bnrecal", "table3_2_strong", "table3_3_strong", "table3_4_s
            "table3_1_best", "table3_3_best", "table3_4_best", "table3_4_best_90")
 CHOICES = TABLES + RECIPES
 RUN_FILES = ("metrics.json", "model.cpk")  # what a published run keeps besides its .hydra/ config
+PORTABLE = ("metrics.json", ".hydra/hydra.yaml")  # run files that record the machine's paths (published without)
 
 
 def runs_root() -> Path:
@@ -132,6 +135,32 @@ def expected_runs(table: str, overrides: list[str]) -> list[str]:
     return names
 
 
+def machine_paths() -> list[tuple[str, str]]:
+    """This machine's paths that run files record, with what each stands for, longest first: the
+    data root (``$COMPRESS_DATA``), the weights' dir (``$COMPRESS_WEIGHTS``), the stage cache and
+    the runs root where the environment sets them, and the checkout (the working directory),
+    which published files name relatively (empty)."""
+    named = {f"${v}": Path(os.environ[v]).expanduser() for v in ("COMPRESS_DATA", "COMPRESS_CACHE", "COMPRESS_RUNS")
+             if os.environ.get(v)}
+    weights = weights_dir()
+    named |= {"$COMPRESS_WEIGHTS": weights} if weights else {}
+    named[""] = Path.cwd()
+    paths = {str(form): name for name, path in named.items() for form in (path.absolute(), path.resolve())
+             if form.parent != form}  # never the file system's root
+    return sorted(paths.items(), key=lambda item: -len(item[0]))
+
+
+def portable(text: str, paths: list[tuple[str, str]]) -> str:
+    """``text`` with each of ``paths`` (:func:`machine_paths`: path, what it stands for; empty:
+    the checkout, made relative) replaced where a whole path component ends there."""
+    for path, name in paths:
+        if name:
+            text = re.sub(re.escape(path) + r"(?![\w.-])", lambda _: name, text)
+        else:
+            text = re.sub(re.escape(path) + r"(/|(?![\w.-]))", lambda m: "" if m.group(1) else ".", text)
+    return text
+
+
 def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str], previous: Path | None = None) -> int:
     """Copy the ``metrics.json`` and ``model.cpk`` (if any) and ``.hydra/`` of each run in
     ``sweep`` that this command launched (its overrides are ``launched`` plus swept keys only)
@@ -149,24 +178,31 @@ def collect(sweep: Path, dest: Path, launched: list[str], swept: set[str], previ
         run = hydra_dir.parent
         finished = (run / "metrics.json").is_file()
         kept = previous / run.name if previous else None
-        if finished and kept and (kept / ".hydra").is_dir() and same_bytes(kept / "metrics.json", run / "metrics.json"):
+        if finished and kept and (kept / ".hydra").is_dir() and same_result(kept, run):
             run = kept
         copy_run(run, dest / run.name, with_files=finished)
         n += finished
     return n
 
 
-def same_bytes(a: Path, b: Path) -> bool:
-    """Whether files ``a`` and ``b`` both exist with the same content."""
-    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+def same_result(kept: Path, run: Path) -> bool:
+    """Whether the published run ``kept`` holds the ``metrics.json`` of ``run``, as published
+    (:func:`portable`)."""
+    a, b = kept / "metrics.json", run / "metrics.json"
+    return a.is_file() and b.is_file() and a.read_text() == portable(b.read_text(), machine_paths())
 
 
 def copy_run(run: Path, target: Path, with_files: bool = True) -> None:
-    """Copy a run's ``.hydra/`` config and (``with_files``) those of :data:`RUN_FILES` it has."""
+    """Copy a run's ``.hydra/`` config and (``with_files``) those of :data:`RUN_FILES` it has,
+    the machine's paths in them replaced by what they stand for (:func:`portable`)."""
     shutil.copytree(run / ".hydra", target / ".hydra", dirs_exist_ok=True)
     for name in RUN_FILES if with_files else ():
         if (run / name).is_file():
             shutil.copy2(run / name, target / name)
+    paths = machine_paths()
+    for name in PORTABLE:
+        if (target / name).is_file():
+            (target / name).write_text(portable((target / name).read_text(), paths))
 
 
 def restore(published: Path, sweep: Path) -> int:
@@ -286,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path("multirun/reproduce") / f"{a.budget}{model_tag(model_of(a.overrides))}"
     t0, commit = time.time(), git_commit(out)
     reported = prepare(out, tables, a.budget, a.overrides)
-    command = shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])])
+    command = portable(shlex.join(["python", "-m", "compress.reproduce", *(argv if argv is not None else sys.argv[1:])]),
+                       machine_paths())
     hw = hardware()
 
     def notes(wall: float, failed: list[str]) -> list[str]:

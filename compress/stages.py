@@ -38,7 +38,7 @@ from compress.layers import bake
 from compress.loggers import make_loggers
 from compress.methods import Method
 from compress.module import Classifier, CompileNetwork
-from compress.progress import ProgressLog, check_progress
+from compress.progress import ProgressLog, StageBar, check_progress
 from compress.prune import KeepMasks, current_masks
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], out
     training = bool(stage) and epochs > 0
     loggers = make_loggers(cfg.logger, out_dir, stage) if training else []
     shown = [ProgressLog(stage, later_epochs, console=progress == "log")] if training else []  # train.log: always
+    shown += [StageBar(stage, later_epochs)] if progress == "bar" else []  # Lightning's bar, described
     lr = [LearningRateMonitor("epoch")] if loggers else []
     return instantiate(
         cfg.trainer, max_epochs=epochs, callbacks=[*callbacks, *shown, *lr], default_root_dir=str(out_dir),

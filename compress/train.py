@@ -5,12 +5,15 @@ saves the final plain model with its masks (``model.pt``) and its packed artifac
 (``model.cpk``, see ``compress.export``), and writes ``metrics.json`` last,
 atomically: a run dir without it is unfinished. A run whose ``metrics.json`` already holds the
 same config hash is skipped (``resume=true``), so a re-launched sweep only does what is missing.
+A mistake on the command line is one line ``error: ...`` naming the fix, exit status 2, and no
+run dir (:func:`main`; an option the chosen methods ignore too: :func:`compress.config.check_effect`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -22,15 +25,17 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities import rank_zero_only
 
 import pytorch_lightning as pl
 from torch import nn
 
 from compress.checkpoint import Checkpoint, apply_checkpoint, atomic_write, load_checkpoint, save_checkpoint, source_id
-from compress.config import NOT_HASHED, config_hash, validate
+from compress.config import METHOD_GROUPS, NOT_HASHED, check_effect, config_hash, no_effect, validate
 from compress.export import save as save_artifact
 from compress.inputs import build_data, check_outputs, describe
 from compress.interrupt import Interrupted, stop_on_signals
@@ -41,6 +46,7 @@ from compress.resize import resize_to
 from compress import sensitivity
 from compress.stages import run_stages
 from compress.stats import distinct_values, distinct_values_per_channel, sparsity
+from compress.targets import one_line
 
 log = logging.getLogger("compress")
 
@@ -48,6 +54,13 @@ log = logging.getLogger("compress")
 # as one line and a non-zero exit, not a traceback. Results are written atomically, so none is
 # left half-written.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
+FULL_ERROR = "HYDRA_FULL_ERROR"  # "1": Hydra raises its errors instead of printing them
+_raising_hydra_errors = False  # main() set it, until the job starts
+# Hydra plugins' config groups, by what installs them (the extras of pyproject.toml).
+PLUGINS = {"hydra/launcher/joblib": ("hydra-joblib-launcher", "launchers"),
+           "hydra/launcher/submitit_local": ("hydra-submitit-launcher", "launchers"),
+           "hydra/launcher/submitit_slurm": ("hydra-submitit-launcher", "launchers"),
+           "hydra/sweeper/optuna": ("hydra-optuna-sweeper", "search")}  # hparams_search's sweeper
 
 
 def hardware(accelerator: str = "auto") -> dict[str, Any]:
@@ -202,14 +215,17 @@ def objectives(out_dir: Path) -> tuple[float, int] | None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://compress.conf", config_name="config")
-def main(cfg: DictConfig) -> tuple[float, int] | None:
+def app(cfg: DictConfig) -> tuple[float, int] | None:
     """Hydra task: run one job (a sensitivity sweep where the config has ``sensitivity``),
     turning a user error into one line and exit status 2; returns the run's :func:`objectives`
-    (what ``hparams_search`` sweeps optimize).
+    (what ``hparams_search`` sweeps optimize). A single run also refuses an option of its
+    command line that would change nothing (:func:`compress.config.check_effect`).
 
     In a multirun the error is re-raised instead, so Hydra marks this job failed and runs the
     others (its launcher reports the failure when the sweep ends; the exit status is then 1).
     """
+    if _raising_hydra_errors:  # composed: Hydra reports what fails from here on, as it does by default
+        os.environ.pop(FULL_ERROR, None)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning.utilities._pytree")
     # A resumed stage writes its checkpoints where the interrupted one did, on purpose; tiny
@@ -218,6 +234,8 @@ def main(cfg: DictConfig) -> tuple[float, int] | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        if not multirun:
+            check_effect(cfg, HydraConfig.get().overrides.task, HydraConfig.get().runtime.choices)
         with stop_on_signals():
             (sensitivity.run if "sensitivity" in cfg else run)(cfg, out_dir)
     except Interrupted as e:
@@ -241,6 +259,53 @@ def discard_failed(out_dir: Path) -> None:
     if not any(p.exists() for p in keep) and not any((out_dir / "checkpoints").glob("*/last.ckpt")):
         logging.shutdown()  # closes train.log
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def command_line_error(e: CompactHydraException) -> str:
+    """What Hydra's error ``e`` about the command line means, in one line with the fix: an option
+    that is not in the config (the valid ones, where Hydra would suggest ``+key=``), a config
+    group option that does not exist (the existing ones) or whose plugin is not installed
+    (the ``pip install`` of its extra); any other of Hydra's messages joined into one line."""
+    cause = e.__cause__
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file in PLUGINS:
+        package, extra = PLUGINS[e.missing_cfg_file]
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        return f'{group}={name} needs the {package} plugin, which is not installed: pip install -e ".[{extra}]"'
+    if isinstance(e, MissingConfigException) and e.options:
+        group, _, name = str(e.missing_cfg_file).rpartition("/")
+        return f"{group}={name} is not an option of {group}: use one of {', '.join(e.options)}"
+    parent = getattr(cause, "parent_node", None)
+    if isinstance(cause, OmegaConfBaseException) and "not in struct" in str(cause) and isinstance(parent, DictConfig):
+        key = str(cause.full_key)
+        group = key.rpartition(".")[0]
+        if group in METHOD_GROUPS and "_target_" not in parent:  # e.g. prune=none
+            return no_effect(key, group, parent.get(METHOD_GROUPS[group]))
+        valid = [k for k in parent if k not in ("_target_", "hydra")]
+        if valid:
+            return f"{key} is not an option{f' of {group}' if group else ''}: use one of {', '.join(valid)}"
+    first = str(e).split("\n\n")[0]  # MissingConfigException: the search path follows
+    reason = f" ({str(cause).splitlines()[0]})" if isinstance(cause, OmegaConfBaseException) else ""
+    return one_line(first) + reason
+
+
+def main() -> None:
+    """The command line (``python -m compress.train``, ``compress-train``): :func:`app`, with
+    Hydra's errors about the command line, which it finds while composing the config, as one
+    line naming the fix and exit status 2 (:func:`command_line_error`; with ``HYDRA_FULL_ERROR=1``
+    set, Hydra's own report)."""
+    global _raising_hydra_errors
+    if os.environ.get(FULL_ERROR) == "1":
+        app()
+        return
+    os.environ[FULL_ERROR], _raising_hydra_errors = "1", True
+    try:
+        app()
+    except CompactHydraException as e:
+        print(f"error: {command_line_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        os.environ.pop(FULL_ERROR, None)
+        _raising_hydra_errors = False
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Every published run is still found finished by the command that made it: its overrides,
 composed by today's code, hash to the config_hash its metrics.json holds (so a re-launch
-skips it instead of training it again)."""
+skips it instead of training it again). Published files name no machine's paths."""
 
 from __future__ import annotations
 
 import json
+import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,17 @@ def test_published_run_is_found_finished_by_its_command(run: Path, hydra_compose
         extra.append(f"model.pretrained='{source}'")  # quoted: run dirs hold '=' and ','
     cfg = hydra_compose([*overrides, *extra])
     assert config_hash(cfg) == metrics["config_hash"]
+
+
+def test_published_files_name_no_machines_paths() -> None:
+    """Data, weights, stage cache and runs are named by their variables (``$COMPRESS_DATA``,
+    ``$COMPRESS_WEIGHTS``, ``$COMPRESS_CACHE``, ``$COMPRESS_RUNS``), the checkout relatively;
+    every file readable by all and executable by none (git's mode 644; the group's write bit
+    is the checkout's umask)."""
+    files = [p for p in (REPO / "multirun" / "published").rglob("*") if p.is_file()]
+    assert len(files) > 500
+    machine = re.compile(rb"/(work|home|tmp)/")
+    assert [str(p) for p in files if machine.search(p.read_bytes())] == []
+    assert [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o555 != 0o444] == []
+    metrics = json.loads((PUBLISHED[0] / "metrics.json").read_text())
+    assert metrics["config"]["data"]["root"] == "$COMPRESS_DATA"

@@ -26,7 +26,8 @@ from compress.layers import bake
 from compress.models import resnet20
 from compress.prune import PruningCallback, current_masks
 from compress.quant import QuantizationCallback, baked_grids
-from compress.reproduce import expected_runs, finished_runs, prepare, publish, restore, restore_stage, run_publishing
+from compress.reproduce import (collect, expected_runs, finished_runs, prepare, publish, restore, restore_stage,
+                               run_publishing)
 from compress.stats import distinct_values, distinct_values_per_channel, sparsity
 from compress.verify import MEAN, STD
 
@@ -81,6 +82,33 @@ def test_a_partial_reproduction_keeps_the_tables_published_before(tmp_path: Path
     report = publish(out, reported, "full", [], []).read_text()
     assert (out / "runs" / "table3_1" / "prune=global" / "metrics.json").is_file()  # not wiped
     assert "`table3_4/nbits=2,prune=global,quant=asym`: not started yet" in report
+
+
+def test_published_copies_name_what_the_machines_paths_stand_for(tmp_path: Path, monkeypatch) -> None:
+    """A run's metrics.json and .hydra/hydra.yaml are published with the data root, the runs root
+    and the checkout replaced by ``$COMPRESS_DATA``, ``$COMPRESS_RUNS`` and relative paths; a run
+    published before is still recognized as the same result (its published .hydra/ kept)."""
+    checkout, data, runs = tmp_path / "checkout", tmp_path / "data", tmp_path / "runs"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("COMPRESS_DATA", str(data))
+    monkeypatch.setenv("COMPRESS_RUNS", str(runs))
+    monkeypatch.delenv("COMPRESS_CACHE", raising=False)
+    sweep = runs / "table3_3" / "full"
+    metrics = json.dumps({"config": {"data": {"root": str(data)}, "stage_cache": str(checkout / "multirun" / ".stages")}})
+    hydra = f"hydra:\n  runtime:\n    cwd: {checkout}\n    output_dir: {sweep}/nbits=5,quant=asym\n"
+    overrides = ["quant=asym", "nbits=5", "experiment=table3_3", "budget=full"]
+    run = fake_run(sweep, "nbits=5,quant=asym", overrides, {"metrics.json": metrics, ".hydra/hydra.yaml": hydra})
+    launched = ["experiment=table3_3", "budget=full"]
+    assert collect(sweep, tmp_path / "first", launched, {"quant", "nbits"}) == 1
+    published = tmp_path / "first" / run.name
+    assert json.loads((published / "metrics.json").read_text())["config"] == {
+        "data": {"root": "$COMPRESS_DATA"}, "stage_cache": "multirun/.stages"}
+    assert (published / ".hydra" / "hydra.yaml").read_text() == (
+        "hydra:\n  runtime:\n    cwd: .\n    output_dir: $COMPRESS_RUNS/table3_3/full/nbits=5,quant=asym\n")
+    (run / ".hydra" / "hydra.yaml").write_text("a later launch that skipped the run\n")
+    assert collect(sweep, tmp_path / "second", launched, {"quant", "nbits"}, tmp_path / "first") == 1
+    assert (tmp_path / "second" / run.name / ".hydra" / "hydra.yaml").read_text().startswith("hydra:")
 
 
 def test_runs_finishing_during_a_sweep_are_published_as_they_finish(tmp_path: Path) -> None:
