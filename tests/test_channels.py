@@ -55,6 +55,15 @@ def test_a_pruned_network_reloads_from_model_pt_and_model_cpk(resnet: nn.Module,
         apply_checkpoint(resnet20(), Checkpoint(resnet.state_dict()), "plain.th")
 
 
+def test_round_to_keeps_channel_counts_a_multiple(resnet: nn.Module) -> None:
+    dense_macs = count_macs(resnet, X[:1])[0]
+    method = pruned(resnet, macs_speedup=2.0, round_to=8)
+    assert count_macs(resnet, X[:1])[0] * 2 <= dense_macs
+    widths = method.record(resnet)["channels"]
+    assert all(w % 8 == 0 and w > 0 for w in widths.values()) and method.record(resnet)["round_to"] == 8
+    assert resnet(X).shape == (2, 10)
+
+
 def test_mobilenet_keeps_depthwise_layers_depthwise() -> None:
     torch.manual_seed(0)
     net = {"_target_": "torchvision.models.mobilenet_v2", "num_classes": 10, "width_mult": 0.5}
@@ -72,6 +81,7 @@ def test_mobilenet_keeps_depthwise_layers_depthwise() -> None:
     ({"macs_speedup": 0.5}, "prune.macs_speedup=0.5 is not allowed: use a number > 1"),
     ({"importance": "l3"}, "prune.importance='l3' is not allowed: use one of l1, bn, random"),
     ({"scope": "layer"}, "prune.scope='layer' is not allowed for prune=channel"),
+    ({"round_to": 0}, r"prune.round_to=0 is not allowed: use a positive integer \(8, 16\) or null"),
 ])
 def test_bad_arguments_are_named(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
