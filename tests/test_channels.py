@@ -100,3 +100,21 @@ def test_app_channel_prunes_quantizes_and_verifies(run_app, data_root: Path) -> 
     from compress.verify import main as verify
 
     assert verify([str(proc.run_dir)]) == 0
+
+
+def test_app_channel_prunes_a_mobilenet_that_loads_and_exports(run_app, data_root: Path, tmp_path: Path) -> None:
+    """A network that is not a CIFAR ResNet: the pruned MobileNetV2 is smaller, reloads from
+    model.cpk, and exports to float ONNX (checked) and int8 ONNX (every conv an integer kernel)."""
+    pytest.importorskip("onnxruntime")
+    proc = run_app("model=mobilenet_v2_cifar", "model.pretrained=null", "prune=channel", "budget=debug",
+                   "trainer.precision=32-true", "progress=none", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((proc.run_dir / "metrics.json").read_text())["methods"]["prune"]
+    assert m["macs"]["after"] * 2 <= m["macs"]["before"] and m["params"]["after"] < m["params"]["before"]
+    model = load(proc.run_dir / "model.cpk")
+    dense = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5)
+    assert sum(p.numel() for p in model.parameters()) == m["params"]["after"] < sum(p.numel() for p in dense.parameters())
+    from compress.export import main as export_main
+
+    assert export_main([str(proc.run_dir), "--onnx", str(tmp_path / "m.onnx"), "--int8", str(tmp_path / "m8.onnx"),
+                        "--calibration", "64", "--check-images", "200", "--data", str(data_root)]) == 0
