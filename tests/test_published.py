@@ -38,8 +38,11 @@ def test_published_run_is_found_finished_by_its_command(run: Path, hydra_compose
     if resolved.get("sensitivity"):
         pytest.skip("a sensitivity sweep hashes its own summary")
     extra = [f"trainer.precision={resolved['trainer']['precision']}"]  # the host's choice, recorded
-    if "model.pretrained" not in " ".join(overrides) and resolved["model"].get("pretrained") is not None:
-        source = pretrained if Path(resolved["model"]["pretrained"]).name == pretrained.name else resolved["model"]["pretrained"]
+    recorded = resolved["model"].get("pretrained")
+    if "model.pretrained" not in " ".join(overrides) and recorded is not None \
+            and not (recorded.startswith("$COMPRESS_WEIGHTS/") and Path(recorded).name != pretrained.name):
+        # a published file of another depth ($COMPRESS_WEIGHTS/resnet56-...) is what model=<arch> finds by itself
+        source = pretrained if Path(recorded).name == pretrained.name else recorded
         extra.append(f"model.pretrained='{source}'")  # quoted: run dirs hold '=' and ','
     cfg = hydra_compose([*overrides, *extra])
     assert config_hash(cfg) == metrics["config_hash"]
