@@ -138,3 +138,25 @@ def run_apps(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
         return done
 
     return run
+
+
+@pytest.fixture
+def calibrate_activations() -> Callable[..., None]:
+    """``calibrate_activations(model, abits, learn=False, batches=2)`` installs ``abits``-bit
+    activation quantizers in a CIFAR ResNet and calibrates their ranges, as the callback does
+    before a stage, on ``batches`` batches of 32 random images."""
+    from types import SimpleNamespace
+
+    from compress.actquant import ActivationQuantCallback
+    from compress.module import Classifier
+
+    def calibrate(model: torch.nn.Module, abits: int, learn: bool = False, batches: int = 2) -> None:
+        callback = ActivationQuantCallback(abits, learn, calibration=64)
+        module = Classifier(model)
+        callback.setup(None, module, "fit")  # type: ignore[arg-type]
+        data = [(torch.randn(32, 3, 32, 32), torch.zeros(32, dtype=torch.long)) for _ in range(batches)]
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: data),
+                                  strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+        callback.on_test_start(trainer, module)  # type: ignore[arg-type]
+
+    return calibrate

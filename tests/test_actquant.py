@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from compress.actquant import ActFakeQuant, ActivationQuantCallback, activation_quantizers, check_abits, install
+from compress.actquant import ActFakeQuant, activation_quantizers, check_abits, install
 from compress.checkpoint import Checkpoint, load_checkpoint
 from compress.export import export, load
 from compress.layers import bake
 from compress.models import build
-from compress.module import Classifier
 from compress.quant import QuantizationCallback, baked_grids
 
 
@@ -93,9 +92,10 @@ def test_abits_checked(value: object, ok: bool) -> None:
             check_abits(value)
 
 
-def calibrated_resnet(learn: bool = False) -> tuple[nn.Module, Checkpoint]:
+def calibrated_resnet(calibrate: Callable[..., None], learn: bool = False) -> tuple[nn.Module, Checkpoint]:
     """A random ResNet-20 with 4-bit asym weights and 4-bit activations calibrated on random
-    images through the callback, baked, with the checkpoint compress.train would save."""
+    images through the callback (``calibrate``: the ``calibrate_activations`` fixture), baked,
+    with the checkpoint compress.train would save."""
     torch.manual_seed(0)
     model = build("resnet20")
     for m in model.modules():  # BatchNorm statistics of random images: a trained net's scale
@@ -104,27 +104,23 @@ def calibrated_resnet(learn: bool = False) -> tuple[nn.Module, Checkpoint]:
     with torch.no_grad():
         model.train()(torch.randn(64, 3, 32, 32))
     QuantizationCallback("asym", 4).install(model)
-    module = Classifier(model)
-    callback = ActivationQuantCallback(4, learn, calibration=64)
-    callback.setup(None, module, "fit")  # type: ignore[arg-type]
-    batches = [(torch.randn(32, 3, 32, 32), torch.zeros(32, dtype=torch.long)) for _ in range(3)]
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: batches),
-                              strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
-    callback.on_test_start(trainer, module)  # type: ignore[arg-type]
+    calibrate(model, 4, learn, batches=3)
     bake(model)
     meta = {"quant": {"mode": "asym", "nbits": 4, "granularity": "tensor", "grids": baked_grids(model), "abits": 4}}
     return model.eval(), Checkpoint(model.state_dict(), {}, meta)
 
 
-def test_calibration_sets_every_range_once_from_the_training_batches() -> None:
-    model, _ = calibrated_resnet()
+def test_calibration_sets_every_range_once_from_the_training_batches(
+        calibrate_activations: Callable[..., None]) -> None:
+    model, _ = calibrated_resnet(calibrate_activations)
     ranges = {n: float(q.range) for n, q in activation_quantizers(model).items()}
     assert all(r > 0 for r in ranges.values())
     assert not any(q.observing or q.observed for q in activation_quantizers(model).values())
 
 
-def test_artifact_reloads_the_activation_quantizers_to_the_same_logits() -> None:
-    model, ckpt = calibrated_resnet(learn=True)
+def test_artifact_reloads_the_activation_quantizers_to_the_same_logits(
+        calibrate_activations: Callable[..., None]) -> None:
+    model, ckpt = calibrated_resnet(calibrate_activations, learn=True)
     reloaded = load(export(ckpt))
     assert len(activation_quantizers(reloaded)) == 18
     x = torch.randn(16, 3, 32, 32)
@@ -135,14 +131,14 @@ def test_artifact_reloads_the_activation_quantizers_to_the_same_logits() -> None
         {"quant": {k: v for k, v in ckpt.meta["quant"].items() if k != "abits"}}))).eval()(x))
 
 
-def test_onnx_quantizes_the_activations_as_pytorch_does() -> None:
+def test_onnx_quantizes_the_activations_as_pytorch_does(calibrate_activations: Callable[..., None]) -> None:
     pytest.importorskip("onnxruntime")
     import onnx
     from onnx import helper
 
     from compress.export.onnx_model import compare, session, to_onnx
 
-    model, ckpt = calibrated_resnet()
+    model, ckpt = calibrated_resnet(calibrate_activations)
     graph = to_onnx(ckpt)
     assert sum(n.op_type == "Round" for n in graph.proto.graph.node) == 18
     x = torch.randn(64, 3, 32, 32)

@@ -5,7 +5,7 @@ and the float ONNX of a compressed model is folded to float weights in a default
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx import numpy_helper  # noqa: E402
 
-from compress.actquant import ActivationQuantCallback, activation_quantizers  # noqa: E402
+from compress.actquant import activation_quantizers  # noqa: E402
 from compress.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from compress.export import main  # noqa: E402
 from compress.export.grid import grid_codes  # noqa: E402
@@ -25,28 +25,23 @@ from compress.export.artifact import quant_meta  # noqa: E402
 from compress.export.onnx_model import session, to_onnx  # noqa: E402
 from compress.layers import bake, quantizable_layers  # noqa: E402
 from compress.models import build  # noqa: E402
-from compress.module import Classifier  # noqa: E402
 from compress.quant import QuantizationCallback, baked_grids  # noqa: E402
 from compress.verify import calibration_images  # noqa: E402
 from compress.verify import test_set as cifar10_test  # noqa: E402
 
 
-def pretrained_resnet20(path: Path, quant: tuple | None = None, abits: int | None = None) -> tuple[nn.Module, Checkpoint]:
+def pretrained_resnet20(path: Path, calibrate: Callable[..., None] | None = None, quant: tuple | None = None,
+                        abits: int | None = None) -> tuple[nn.Module, Checkpoint]:
     """The published ResNet-20, quantized by ``quant`` (and ``abits``-bit activations calibrated
-    on random images), baked, with the checkpoint compress.train would save."""
+    on random images by ``calibrate``, the ``calibrate_activations`` fixture), baked, with the
+    checkpoint compress.train would save."""
     model = build("resnet20")
     model.load_state_dict(load_checkpoint(str(path)).state_dict)
     meta: dict = {}
     if quant:
         QuantizationCallback(*quant).install(model)
     if abits:
-        callback = ActivationQuantCallback(abits, False, calibration=64)
-        module = Classifier(model)
-        callback.setup(None, module, "fit")  # type: ignore[arg-type]
-        batches = [(torch.randn(32, 3, 32, 32), torch.zeros(32, dtype=torch.long)) for _ in range(2)]
-        trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: batches),
-                                  strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
-        callback.on_test_start(trainer, module)  # type: ignore[arg-type]
+        calibrate(model, abits)
     bake(model)
     if quant:
         meta["quant"] = {"mode": quant[0], "nbits": quant[1], "granularity": quant[3] if len(quant) > 3 else "tensor",
@@ -70,8 +65,9 @@ def test_dense_model_runs_on_integer_kernels_at_float_accuracy(pretrained: Path,
     assert (int8 == y.numpy()).mean() >= (fp == y.numpy()).mean() - 0.01
 
 
-def test_sym_weights_keep_their_codes_and_activation_ranges_are_the_models(pretrained: Path, data_root: Path) -> None:
-    model, ckpt = pretrained_resnet20(pretrained, ("sym", 4, "minmax", "channel"), abits=8)
+def test_sym_weights_keep_their_codes_and_activation_ranges_are_the_models(pretrained: Path, data_root: Path,
+                                                                         calibrate_activations) -> None:
+    model, ckpt = pretrained_resnet20(pretrained, calibrate_activations, ("sym", 4, "minmax", "channel"), abits=8)
     graph = to_int8(ckpt, calibration_images(None, 128, data_root))
     blocks = [f"{n}.weight" for n in quantizable_layers(model)]
     assert sorted(graph.exact) == sorted(blocks) and graph.requantized == ["conv1.weight"]
@@ -89,12 +85,12 @@ def test_sym_weights_keep_their_codes_and_activation_ranges_are_the_models(pretr
     assert fused_ops(graph.proto)["QLinearConv"] == 19
 
 
-def test_asym_and_narrow_activations_are_refused_in_one_line(pretrained: Path, data_root: Path, tmp_path: Path,
+def test_asym_and_narrow_activations_are_refused_in_one_line(pretrained: Path, data_root: Path, tmp_path: Path, calibrate_activations,
                                                              capsys: pytest.CaptureFixture) -> None:
-    model, ckpt = pretrained_resnet20(pretrained, ("asym", 4))
+    model, ckpt = pretrained_resnet20(pretrained, quant=("asym", 4))
     with pytest.raises(ValueError, match="asym weights .* have no integer zero point"):
         to_int8(ckpt, torch.zeros(4, 3, 32, 32))
-    _, narrow = pretrained_resnet20(pretrained, ("sym", 4), abits=4)
+    _, narrow = pretrained_resnet20(pretrained, calibrate_activations, ("sym", 4), abits=4)
     with pytest.raises(ValueError, match="quant.abits < 8"):
         to_int8(narrow, calibration_images(None, 32, data_root))
     save_checkpoint(tmp_path / "run" / "model.pt", model, ckpt.masks, ckpt.meta)
