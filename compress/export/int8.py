@@ -41,7 +41,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.checkpoint import Checkpoint
-from compress.export.artifact import quant_meta
+from compress.export.artifact import quant_meta, quantized_weights, reference
 from compress.export.grid import QuantSpec, grid_codes
 from compress.export.onnx_model import to_onnx
 
@@ -240,6 +240,7 @@ def to_int8(ckpt: Checkpoint, calibration: torch.Tensor, method: str = "mse") ->
         raise ValueError("--int8: asym weights (code * scale + min) have no integer zero point: "
                          "export a quant=sym model (its codes are kept) or an unquantized one (quantized to 8 bits here)")
     base = to_onnx(ckpt, codes=False).proto
+    quantized = quantized_weights(ckpt, reference(ckpt))
     g = _Graph(base.graph)
     scaled = _fold_batchnorm(g)
     folded = g.copy()  # calibrated as it computes: ReLUs and the model's activation quantizers in place
@@ -259,19 +260,20 @@ def to_int8(ckpt: Checkpoint, calibration: torch.Tensor, method: str = "mse") ->
                       helper.make_node("DequantizeLinear", [f"{x}.q", f"{x}.scale", f"{x}.zero"], [f"{x}.dq"],
                                        name=f"{x}.dq")]
     for conv in [n for n in g.nodes if n.op_type == "Conv"]:
-        new_nodes += _int8_weights(g, conv, quant, ckpt, scaled.get(conv.input[1]), qparams, out)
+        new_nodes += _int8_weights(g, conv, quant, ckpt, quantized, scaled.get(conv.input[1]), qparams, out)
     g.nodes = _topological([*new_nodes, *g.nodes], g.inputs, set(g.consts))
     out.proto = _proto(g, base)
     onnx.checker.check_model(out.proto, full_check=True)
     return out
 
 
-def _int8_weights(g: _Graph, conv: onnx.NodeProto, quant: QuantSpec | None, ckpt: Checkpoint, k: np.ndarray | None,
-                  qparams: dict[str, tuple[float, int]], out: Int8Model) -> list[onnx.NodeProto]:
-    """Replace ``conv``'s float weight and bias by int8 / int32 codes + ``DequantizeLinear``."""
+def _int8_weights(g: _Graph, conv: onnx.NodeProto, quant: QuantSpec | None, ckpt: Checkpoint, quantized: set[str],
+                  k: np.ndarray | None, qparams: dict[str, tuple[float, int]], out: Int8Model) -> list[onnx.NodeProto]:
+    """Replace ``conv``'s float weight and bias by int8 / int32 codes + ``DequantizeLinear``
+    (the checkpoint's own codes for the weights in ``quantized``)."""
     key = conv.input[1]
     w = g.consts[key]
-    if quant is not None and key in ckpt.state_dict and _quantized(quant, key, ckpt):
+    if quant is not None and key in quantized:
         spec = quant.for_tensor(key)
         codes = grid_codes(key, ckpt.state_dict[key].float(), spec)
         channels = w.shape[0]
@@ -300,11 +302,6 @@ def _int8_weights(g: _Graph, conv: onnx.NodeProto, quant: QuantSpec | None, ckpt
                                       [f"{key}.b"], name=f"{key}.b", axis=0))
         conv.input[2] = f"{key}.b"
     return nodes
-
-
-def _quantized(quant: QuantSpec, key: str, ckpt: Checkpoint) -> bool:
-    """Whether the checkpoint quantized the weight ``key`` (a recorded grid; older checkpoints: the block convs)."""
-    return key in quant.grids if quant.grids else ".conv" in key and key.startswith("layer")
 
 
 def _topological(nodes: list[onnx.NodeProto], inputs: list[str], consts: set[str]) -> list[onnx.NodeProto]:
