@@ -1,22 +1,24 @@
 """Inference speed and accuracy of every deployable form of a CIFAR ResNet, side by side.
 
-    python benchmarks/inference.py [--arch resnet20] [--channel RUN_DIR] [--compressed RUN_DIR]
+    python benchmarks/inference.py [--arch resnet20] [--channel RUN_DIR ...] [--compressed RUN_DIR ...]
                                    [--repeats 5] [--latency-runs 200] [--images 10000] [--out FILE.md]
 
 Variants (all from one dense model: the published weights ``model=<arch>`` loads):
 
 - PyTorch eager fp32 (``torch.inference_mode``, eval);
 - our dense ONNX and our compressed ONNX (``--compressed``: a run dir, e.g. 80% global + asym
-  4-bit; ``python -m compress.export RUN --onnx``), in default onnxruntime sessions;
+  4-bit; ``python -m compress.export RUN --onnx``), in default onnxruntime sessions; a
+  ``quant=sym`` run also as our int8 ONNX (its own codes, and its activation ranges where it
+  learned them: ``quant.abits=8``);
 - our int8 ONNX of the dense model (``--int8``: ``compress.export.int8``, ranges on 1,024
   training images);
 - onnxruntime's own ``quantize_static`` of the dense ONNX: QDQ, uint8 activations, int8
   weights per channel, MinMax ranges on 256 training images (``--ort-reduce-range`` adds its
   ``reduce_range=True`` variant);
 - channel-pruned networks, fp32 and int8: ``--channel RUN_DIR`` (fine-tuned, e.g. the published
-  ``experiment=channel`` run) and ``--macs 2,4`` (pruned here from the dense model with
-  ``prune=channel``'s defaults, ``--round-to N``: channel counts a multiple of N), *not*
-  fine-tuned: their accuracy is not a result, their speed is).
+  ``experiment=channel`` run; repeatable) and ``--macs 2,4`` (pruned here from the dense model
+  with ``prune=channel``'s defaults or ``--scope``, ``--importance`` and ``--round-to N``: channel
+  counts a multiple of N), *not* fine-tuned: their accuracy is not a result, their speed is).
 
 Every engine runs on one thread (``torch.set_num_threads(1)``, ``intra_op_num_threads=1``,
 otherwise default session options, as a user loads a file). Throughput: batches of 256, the
@@ -49,10 +51,10 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torch import nn
 
-from compress.channels import ChannelPruning, count_macs
+from compress.channels import IMPORTANCES, SCOPES, ChannelPruning, count_macs
 from compress.checkpoint import Checkpoint, load_checkpoint
 from compress.export.artifact import reference
-from compress.export.cli import _read, _resolve
+from compress.export.cli import checkpoint_file, read_checkpoint
 from compress.export.int8 import to_int8
 from compress.export.onnx_model import to_onnx
 from compress.models import ARCHS, build
@@ -118,11 +120,12 @@ def ort_quantize_static(proto: onnx.ModelProto, images: torch.Tensor, reduce_ran
         return onnx.load(out)
 
 
-def channel_pruned(dense: nn.Module, speedup: float, round_to: int | None) -> nn.Module:
-    """``dense`` with whole channels removed to ``1/speedup`` of its MACs (``prune=channel``'s
-    defaults, channel counts a multiple of ``round_to``), not fine-tuned."""
+def channel_pruned(dense: nn.Module, speedup: float, round_to: int | None, scope: str = "local",
+                   importance: str = "l1") -> nn.Module:
+    """``dense`` with whole channels removed to ``1/speedup`` of its MACs (``prune=channel``
+    with these options), not fine-tuned."""
     model = copy.deepcopy(dense)
-    ChannelPruning(macs_speedup=speedup, round_to=round_to).prune(model)
+    ChannelPruning(macs_speedup=speedup, round_to=round_to, scope=scope, importance=importance).prune(model)
     return model.eval()
 
 
@@ -145,22 +148,25 @@ def variants(a: argparse.Namespace, calib: torch.Tensor) -> list[Variant]:
         return Variant(name, run, size, variant_macs, note)
 
     out.append(onnx_variant("ONNX fp32 (ours), dense", to_onnx(dense_ckpt).proto, macs))
-    if a.compressed:
-        ckpt = _read(_resolve(a.compressed))
-        out.append(onnx_variant("ONNX compressed (ours)", to_onnx(ckpt).proto, macs, Path(a.compressed).name))
+    for run in a.compressed:
+        ckpt = read_checkpoint(checkpoint_file(run))
+        out.append(onnx_variant("ONNX compressed (ours)", to_onnx(ckpt).proto, macs, Path(run).name))
+        if (ckpt.meta.get("quant") or {}).get("mode") == "sym":  # its own codes (and activation ranges) in int8
+            out.append(onnx_variant("ONNX int8 (ours), compressed", to_int8(ckpt, calib).proto, macs, Path(run).name))
     out.append(onnx_variant("ONNX int8 (ours), dense", to_int8(dense_ckpt, calib).proto, macs))
     fp_proto = to_onnx(dense_ckpt).proto
     for reduce in (False, True) if a.ort_reduce_range else (False,):
         out.append(onnx_variant(f"onnxruntime quantize_static{' reduce_range' if reduce else ''}, dense",
                                 ort_quantize_static(fp_proto, calib[:256], reduce), macs, "QDQ U8S8 per channel, MinMax, 256 images"))
     pruned: list[tuple[str, Checkpoint, nn.Module, str]] = []
-    if a.channel:
-        ckpt = _read(_resolve(a.channel))
+    for run in a.channel:
+        ckpt = read_checkpoint(checkpoint_file(run))
         model = reference(ckpt)
         model.load_state_dict(ckpt.state_dict)
-        pruned.append((f"channel {macs / count_macs(model, example)[0]:.2f}x", ckpt, model.eval(), "fine-tuned"))
+        pruned.append((f"channel {macs / count_macs(model, example)[0]:.2f}x", ckpt, model.eval(),
+                       f"fine-tuned: {Path(run).name}"))
     for speedup in a.macs:
-        model = channel_pruned(dense, speedup, a.round_to)
+        model = channel_pruned(dense, speedup, a.round_to, a.scope, a.importance)
         pruned.append((f"channel {macs / count_macs(model, example)[0]:.2f}x", checkpoint_of(model), model,
                        "not fine-tuned"))
     for name, ckpt, model, note in pruned:
@@ -225,10 +231,15 @@ def host() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet20", choices=ARCHS)
-    p.add_argument("--compressed", help="a run dir whose model.cpk is the compressed variant")
-    p.add_argument("--channel", help="a channel-pruned, fine-tuned run dir (experiment=channel)")
+    p.add_argument("--compressed", action="append", default=[],
+                   help="a run dir whose model.cpk is a compressed variant (repeatable; quant=sym runs also in int8)")
+    p.add_argument("--channel", action="append", default=[],
+                   help="a channel-pruned, fine-tuned run dir (experiment=channel; repeatable)")
     p.add_argument("--macs", default="2,4", help="MAC reductions to prune to here, not fine-tuned (default 2,4; '' none)")
     p.add_argument("--round-to", type=int, help="channel counts of --macs variants a multiple of this (e.g. 8)")
+    p.add_argument("--scope", default="local", choices=SCOPES, help="prune.scope of the --macs variants (default local)")
+    p.add_argument("--importance", default="l1", choices=IMPORTANCES,
+                   help="prune.importance of the --macs variants (default l1)")
     p.add_argument("--ort-reduce-range", action="store_true", help="also onnxruntime's reduce_range=True variant")
     p.add_argument("--repeats", type=int, default=5, help="throughput rounds (default 5)")
     p.add_argument("--latency-runs", type=int, default=200, help="batch-1 runs per variant (default 200)")

@@ -22,7 +22,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -43,6 +43,21 @@ TEST_SPLITS = ("all", "search", "report")
 TEST_SPLIT_SEED = 0  # fixed, whatever the run's seed: every run and report uses the same halves
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 DESCRIBED = ("num_classes", "mean", "std", "image_size")
+
+
+CIFAR10_TARGET = "compress.data.CIFAR10Data"  # a data config's _target_ for CIFAR-10
+
+
+def is_cifar10(data_cfg: Mapping[str, Any] | None) -> bool:
+    """Whether a run's data config is CIFAR-10 as the official test batch holds it: none at all
+    (older checkpoints), or a ``_target_`` of :data:`CIFAR10_TARGET` (or none: a checkpoint's bare
+    ``meta["data"]``) with, where it says them, 10 classes and 32 x 32 images."""
+    if not data_cfg:
+        return True
+    if data_cfg.get("_target_", CIFAR10_TARGET) != CIFAR10_TARGET:
+        return False
+    size = data_cfg.get("image_size") or 32
+    return (data_cfg.get("num_classes") or 10) == 10 and size in (32, [32, 32], (32, 32))
 
 
 def check_test_split(split: object) -> str:

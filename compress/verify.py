@@ -43,11 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.data import CIFAR10_FORMAT, InMemoryData, concat_batches, normalize, read_pickles, split_mask
+from compress.data import (CIFAR10_FORMAT, MEAN, STD, InMemoryData, concat_batches, is_cifar10, normalize, read_pickles,
+                           split_mask)
 from compress.export import load
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the checkpoint's normalization
-CIFAR10_TARGET = "compress.data.CIFAR10Data"
 # Keys of our datamodules set for a test pass: every test image in file order, on the CPU.
 TEST_OVERRIDES = {"test_split": "all", "device": "cpu", "train_subset": 0}
 
@@ -64,11 +63,6 @@ def test_set(root: Path, mean: Any = MEAN, std: Any = STD) -> Tensors:
     x = torch.from_numpy(np.asarray(batch["data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0)
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     return x, torch.tensor(batch["labels"])
-
-
-def is_cifar10(data_cfg: dict[str, Any] | None) -> bool:
-    """Whether a run's data config is CIFAR-10's (runs without one are)."""
-    return not data_cfg or data_cfg.get("_target_", CIFAR10_TARGET) == CIFAR10_TARGET
 
 
 def cifar10_root(root: str | Path | None) -> Path:

@@ -20,6 +20,7 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 import compress.verify  # noqa: E402
+from compress.data import is_cifar10  # noqa: E402
 from compress.checkpoint import Checkpoint  # noqa: E402
 from compress.export import cli, onnx_model  # noqa: E402
 from compress.export.artifact import quant_meta  # noqa: E402
@@ -218,20 +219,20 @@ def test_off_grid_weight_and_changed_initializer_raise() -> None:
 def test_cli_test_images_follow_the_checkpoint_dataset(monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
     cifar_yaml = "data:\n  _target_: compress.data.CIFAR10Data\n  root: null\n  batch_size: 128\n"
-    assert cli.is_cifar10(cli.data_config(Checkpoint({}, {}, {"config": cifar_yaml})))
-    assert cli.is_cifar10(cli.data_config(Checkpoint({}, {}, {"quant": None})))  # older checkpoints
+    assert is_cifar10(cli.data_config(Checkpoint({}, {}, {"config": cifar_yaml})))
+    assert is_cifar10(cli.data_config(Checkpoint({}, {}, {"quant": None})))  # older checkpoints
     cifar_meta = {"num_classes": 10, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 32}
-    assert cli.is_cifar10(cli.data_config(Checkpoint({}, {}, {"data": cifar_meta})))
+    assert is_cifar10(cli.data_config(Checkpoint({}, {}, {"data": cifar_meta})))
     other_meta = {**cifar_meta, "num_classes": 100, "image_size": 48}
     bare = Checkpoint({}, {}, {"data": other_meta})  # no data config naming its dataset
-    assert not cli.is_cifar10(cli.data_config(bare))
+    assert not is_cifar10(cli.data_config(bare))
     assert cli._test_images(1000, None, bare).shape == (cli.RANDOM_IMAGES, 3, 48, 48)
     assert "note: no test images of this dataset (ValueError: the checkpoint's data config names no _target_)" \
         in capsys.readouterr().out
 
     other_cfg = {"_target_": "compress.data.CIFAR100Data", "root": None, **other_meta}
     other = Checkpoint({}, {}, {"data": other_meta, "config": {"seed": 0, "data": other_cfg}})
-    assert cli.data_config(other) == other_cfg and not cli.is_cifar10(other_cfg)
+    assert cli.data_config(other) == other_cfg and not is_cifar10(other_cfg)
 
     def missing(cfg: dict, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise FileNotFoundError(f"{root}: no test split")

@@ -30,13 +30,12 @@ import yaml
 from compress.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from compress.export.artifact import SUFFIX, reference, save, size_report
 
-CIFAR10_TARGET = "compress.data.CIFAR10Data"  # the data config's _target_ for CIFAR-10
 CIFAR10_SHAPE = (3, 32, 32)
 RANDOM_IMAGES = 256  # the most random inputs the check runs where a dataset's test images are missing
 MIN_INT8_AGREEMENT = 0.97  # int8 vs float graph: the least fraction of test images both put in the same class
 
 
-def _resolve(source: str) -> Path:
+def checkpoint_file(source: str) -> Path:
     """The checkpoint file of a run dir (its ``model.pt``, else its ``model.cpk``: a published
     run keeps only that) or the file itself."""
     path = Path(source).expanduser()
@@ -48,7 +47,7 @@ def _resolve(source: str) -> Path:
     return path
 
 
-def _read(path: Path) -> Checkpoint:
+def read_checkpoint(path: Path) -> Checkpoint:
     """The checkpoint at ``path``; for an artifact, with its run's config (``metrics.json`` beside
     it, if there is one: what the ONNX check reads its data from)."""
     try:
@@ -97,25 +96,6 @@ def data_config(ckpt: Checkpoint) -> dict[str, Any] | None:
     return dict(section) if isinstance(section, Mapping) else None
 
 
-def is_cifar10(data_cfg: Mapping[str, Any] | None) -> bool:
-    """Whether a data config (:func:`data_config`) is CIFAR-10 as :func:`compress.verify.test_set`
-    reads it: none at all (older checkpoints), or a ``_target_`` of :data:`CIFAR10_TARGET` (or
-    none: ``meta["data"]``) with, where it says them, 10 classes, 32 x 32 images and
-    ``compress.data``'s normalization."""
-    if data_cfg is None:
-        return True
-    if data_cfg.get("_target_", CIFAR10_TARGET) != CIFAR10_TARGET:
-        return False
-    from compress.data import MEAN, STD
-
-    def same(key: str, want: tuple[float, ...]) -> bool:
-        return data_cfg.get(key) is None or tuple(float(v) for v in data_cfg[key]) == want
-
-    size = data_cfg.get("image_size") or 32
-    return (data_cfg.get("num_classes") or 10) == 10 and size in (32, [32, 32], (32, 32)) \
-        and same("mean", MEAN) and same("std", STD)
-
-
 def _test_images(count: int, data: str | None, ckpt: Checkpoint) -> torch.Tensor | None:
     """The first ``count`` test images of the checkpoint's dataset (None for 0): CIFAR-10's from
     the root ``data`` (default ``$COMPRESS_DATA``), another dataset's from
@@ -123,6 +103,8 @@ def _test_images(count: int, data: str | None, ckpt: Checkpoint) -> torch.Tensor
     :func:`_other_images`)."""
     if not count:
         return None
+    from compress.data import MEAN, STD, is_cifar10
+
     cfg, shape = data_config(ckpt), _onnx_module().image_shape(ckpt)
     if not is_cifar10(cfg) or shape != CIFAR10_SHAPE:
         return _other_images(count, data, cfg or {}, shape)
@@ -132,7 +114,8 @@ def _test_images(count: int, data: str | None, ckpt: Checkpoint) -> torch.Tensor
                          "CIFAR-10 root (or --check-images 0 to skip the check)")
     from compress.verify import test_set
 
-    return test_set(Path(data))[0][:count]
+    cfg = cfg or {}
+    return test_set(Path(data), cfg.get("mean", MEAN), cfg.get("std", STD))[0][:count]
 
 
 def _other_images(count: int, data: str | None, cfg: dict[str, Any], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -235,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "another dataset: default its config's root)")
     args = parser.parse_args(argv)
     try:
-        path = _resolve(args.source)
-        ckpt = _read(path)
+        path = checkpoint_file(args.source)
+        ckpt = read_checkpoint(path)
         images = None
         if args.onnx or args.int8:  # fail before writing anything: the extra is missing, or the test images
             _onnx_module()
