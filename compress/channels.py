@@ -12,7 +12,9 @@ dependency graph cannot follow, so the stream keeps its width. Other networks: e
 but the classifier (the last layer).
 
 Target: ``macs_speedup`` (e.g. 2.0: at most half the dense MACs, reached in small steps of
-``ratio_step``), else ``ratio`` (the fraction of each selected layer's channels to remove).
+``ratio_step``), else ``ratio`` (the fraction of each selected layer's channels to remove) and
+``layer_ratio`` (layer name or ``re:`` pattern -> its own fraction, as Torch-Pruning's
+``pruning_ratio_dict``: e.g. ``{"re:layer3\\..*": 0.625}``).
 Importance: ``l1`` (the group's L1 weight norm), ``bn`` (its BatchNorm scales) or ``random``;
 ``scope`` ``local`` (each layer alike) or ``global`` (one ranking over all groups).
 """
@@ -25,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from compress.layers import network
+from compress.layers import check_layer_map, network
 from compress.methods import Method
 
 IMPORTANCES = ("l1", "bn", "random")
@@ -61,7 +63,9 @@ class ChannelPruning(Method):
     Args:
         ratio: fraction of each selected layer's output channels to remove (without ``macs_speedup``).
         macs_speedup: remove channels until the MACs are at most ``1 / macs_speedup`` of the
-            dense network's (> 1; null: use ``ratio``).
+            dense network's (> 1; null: use ``ratio`` and ``layer_ratio``).
+        layer_ratio: fractions of single layers (name or ``re:`` pattern -> fraction; later
+            entries win); the other selected layers take ``ratio``. Only without ``macs_speedup``.
         importance: ``l1``, ``bn`` or ``random``.
         scope: ``local`` (every layer loses the same fraction) or ``global`` (one ranking).
         ratio_step: the fraction removed per step while reaching ``macs_speedup``.
@@ -77,7 +81,7 @@ class ChannelPruning(Method):
 
     def __init__(self, ratio: float = 0.5, macs_speedup: float | None = None, importance: str = "l1",
                  scope: str = "local", ratio_step: float = 0.05, image_size: int = 32, round_to: int | None = None,
-                 method: str = "channel",
+                 layer_ratio: Mapping[str, float] | None = None, method: str = "channel",
                  epochs: int = 0, layers: Mapping[str, Any] | None = None,
                  masks: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__(epochs, layers)
@@ -96,7 +100,13 @@ class ChannelPruning(Method):
             raise ValueError(f"prune.image_size={image_size!r} is not allowed: use a positive integer")
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"prune.round_to={round_to!r} is not allowed: use a positive integer (8, 16) or null")
-        self.image_size, self.round_to, self.method = image_size, round_to, method
+        if layer_ratio is not None and not isinstance(layer_ratio, Mapping):
+            raise ValueError(f"prune.layer_ratio={layer_ratio!r} is not allowed: use a map of layer name (or re: "
+                             "pattern) to the fraction of its channels to remove, or null")
+        if layer_ratio and macs_speedup is not None:
+            raise ValueError("prune.layer_ratio sets fractions, prune.macs_speedup a MAC target: set "
+                             "prune.macs_speedup=null to use prune.layer_ratio")
+        self.image_size, self.round_to, self.layer_ratio, self.method = image_size, round_to, layer_ratio, method
         self.before: tuple[int, int] | None = None
         self.after: tuple[int, int] | None = None
         self.done = False
@@ -106,7 +116,13 @@ class ChannelPruning(Method):
 
     def prepare(self, model: nn.Module) -> None:
         _torch_pruning()
-        self.selected(model)
+        self.own_ratios(model)
+
+    def own_ratios(self, model: nn.Module) -> dict[str, float]:
+        """``layer_ratio`` as ``{selected layer: fraction}``; ``ValueError`` for a name or pattern
+        that matches no selected layer, or a fraction outside (0, 1)."""
+        return check_layer_map("prune.layer_ratio", self.layer_ratio, self.selected(model),
+                               lambda value, key: _fraction(key, value))
 
     def callbacks(self, masks: Mapping[str, torch.Tensor]) -> list[pl.Callback]:
         if masks:
@@ -121,6 +137,7 @@ class ChannelPruning(Method):
         (macs0, params0), (macs1, params1) = self.before or (0, 0), self.after or (0, 0)
         return {"method": self.method, "importance": self.importance, "scope": self.scope, "round_to": self.round_to,
                 "ratio": None if self.macs_speedup else self.ratio, "macs_speedup_target": self.macs_speedup,
+                **({"layer_ratio": self.own_ratios(model)} if self.layer_ratio else {}),
                 "macs": {"before": macs0, "after": macs1, "speedup": macs0 / macs1 if macs1 else None},
                 "params": {"before": params0, "after": params1},
                 "channels": {n: int(m.weight.shape[0]) for n, m in self.selected(model).items()}}
@@ -139,7 +156,9 @@ class ChannelPruning(Method):
         tp = _torch_pruning()
         device = next(model.parameters()).device
         example = self.example().to(device)
-        chosen = set(self.selected(model).values())
+        selected = self.selected(model)
+        chosen = set(selected.values())
+        own = {selected[n]: r for n, r in self.own_ratios(model).items()}
         ignored = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in chosen]
         importance = {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
                       "bn": lambda: tp.importance.BNScaleImportance(),
@@ -150,7 +169,7 @@ class ChannelPruning(Method):
         was_training = model.training
         model.eval()
         pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=target,
-                                      iterative_steps=steps, ignored_layers=ignored,
+                                      pruning_ratio_dict=own or None, iterative_steps=steps, ignored_layers=ignored,
                                       global_pruning=self.scope == "global", round_to=self.round_to)
         for _ in range(steps):
             pruner.step()

@@ -176,6 +176,7 @@ NEUTRAL: dict[str, object] = {
     # never binding in a published run: their most pruned layer keeps 0.16% of its weights
     "prune.min_density": 0.001,
     "prune.round_to": None,  # prune=channel: any channel count, as before the option
+    "prune.layer_ratio": None,  # prune=channel: every layer its ratio
 }
 # Keys that repeat another key's value (an interpolation): left out of the hash where they
 # still do, so they add nothing to it. Dotted key -> the key it repeats.

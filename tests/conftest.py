@@ -31,6 +31,23 @@ def hydra_compose(monkeypatch: pytest.MonkeyPatch) -> Iterator[Compose]:
         yield lambda overrides=(), **kw: compose("config", overrides=list(overrides), **kw)
 
 
+@pytest.fixture
+def prepared() -> Callable[[DictConfig], None]:
+    """``prepared(cfg)``: validate ``cfg``, build its methods and network, and let each method
+    check the network (as ``compress.train`` does before any data or training)."""
+    from compress.config import validate
+    from compress.models.net import build_net
+    from compress.train import build_methods
+
+    def prepare(cfg: DictConfig) -> None:
+        validate(cfg)
+        methods, _ = build_methods(cfg)
+        model = build_net(cfg.model.net)
+        for method in methods:
+            method.prepare(model)
+    return prepare
+
+
 @pytest.fixture(scope="session", autouse=True)
 def single_thread() -> Iterator[None]:
     """Run in-process torch on one thread. The tests use small tensors, and on a small shared

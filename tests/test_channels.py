@@ -64,6 +64,28 @@ def test_round_to_keeps_channel_counts_a_multiple(resnet: nn.Module) -> None:
     assert resnet(X).shape == (2, 10)
 
 
+def test_layer_ratio_gives_named_layers_their_own_fraction(resnet: nn.Module) -> None:
+    method = pruned(resnet, ratio=0.5, round_to=8, layer_ratio={"re:layer3\\..*": 0.625, "layer3.2.conv1": 0.75})
+    widths = method.record(resnet)["channels"]
+    assert [widths[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(3)] == [8, 8, 8, 16, 16, 16, 24, 24, 16]
+    assert method.record(resnet)["layer_ratio"] == {"layer3.0.conv1": 0.625, "layer3.1.conv1": 0.625,
+                                                    "layer3.2.conv1": 0.75}
+    assert resnet(X).shape == (2, 10)
+
+
+def test_layer_ratio_composes_from_the_command_line_and_keeps_old_hashes(hydra_compose, prepared) -> None:
+    from compress.config import config_hash
+
+    base = ["prune=channel", "prune.macs_speedup=null"]
+    assert config_hash(hydra_compose([*base, "prune.layer_ratio=null"])) == config_hash(hydra_compose(base))
+    cfg = hydra_compose([*base, r"prune.layer_ratio={re\:layer3.*:0.625,layer3.2.conv1:0.75}"])  # re\: in a key
+    assert dict(cfg.prune.layer_ratio) == {"re:layer3.*": 0.625, "layer3.2.conv1": 0.75}
+    assert config_hash(cfg) != config_hash(hydra_compose(base))
+    prepared(cfg)
+    with pytest.raises(ValueError, match="prune.layer_ratio names unknown layer 'fc'"):
+        prepared(hydra_compose([*base, "prune.layer_ratio={fc:0.5}"]))
+
+
 def test_mobilenet_keeps_depthwise_layers_depthwise() -> None:
     torch.manual_seed(0)
     net = {"_target_": "torchvision.models.mobilenet_v2", "num_classes": 10, "width_mult": 0.5}
@@ -82,10 +104,12 @@ def test_mobilenet_keeps_depthwise_layers_depthwise() -> None:
     ({"importance": "l3"}, "prune.importance='l3' is not allowed: use one of l1, bn, random"),
     ({"scope": "layer"}, "prune.scope='layer' is not allowed for prune=channel"),
     ({"round_to": 0}, r"prune.round_to=0 is not allowed: use a positive integer \(8, 16\) or null"),
+    ({"layer_ratio": [0.5]}, r"prune.layer_ratio=\[0.5\] is not allowed: use a map of layer name"),
+    ({"layer_ratio": {"layer1.0.conv1": 0.5}}, "prune.layer_ratio sets fractions, prune.macs_speedup a MAC target"),
 ])
 def test_bad_arguments_are_named(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        ChannelPruning(**kw)
+        ChannelPruning(**({"macs_speedup": 2.0} | kw))
 
 
 def test_app_channel_prunes_quantizes_and_verifies(run_app, data_root: Path) -> None:

@@ -9,14 +9,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
 import torch
 from torch import nn
 
 from compress.checkpoint import Checkpoint
-from compress.models.net import build_net
-from compress.train import build_methods
-from compress.config import config_hash, validate
+from compress.config import config_hash
 from compress.export import export, load, size_report
 from compress.layers import bake, quantizable_layers, prunable_layers
 from compress.models import resnet20
@@ -121,7 +118,7 @@ def test_each_layer_is_quantized_and_packed_at_its_own_width(mode: str) -> None:
     assert "layer_nbits" not in manifest(export(uniform6))["quant"]  # uniform artifacts are as before
 
 
-def test_per_layer_options_at_their_default_keep_the_hash(hydra_compose) -> None:
+def test_per_layer_options_at_their_default_keep_the_hash(hydra_compose, prepared) -> None:
     base = ["prune=global", "quant=asym", "nbits=3"]
     default = config_hash(hydra_compose(base))
     assert config_hash(hydra_compose([*base, "prune.layer_sparsity=null", "quant.layer_nbits=null",
@@ -136,16 +133,6 @@ def test_per_layer_options_at_their_default_keep_the_hash(hydra_compose) -> None
     with pytest.raises(ValueError, match="quant.layer_nbits names unknown layer 'layer3.5.conv1'"):
         prepared(hydra_compose([*base, "model=resnet32", "quant.layer_nbits={layer3.5.conv1:2}"]))
     prepared(hydra_compose([*base, "model=resnet44", "quant.layer_nbits={layer3.5.conv1:2}"]))
-
-
-def prepared(cfg: DictConfig) -> None:
-    """Validate ``cfg``, build its methods and network, and let each method check the network
-    (as ``compress.train`` does before any data or training)."""
-    validate(cfg)
-    methods, extra = build_methods(cfg)
-    model = build_net(cfg.model.net)
-    for method in methods:
-        method.prepare(model)
 
 
 def test_layer_maps_take_patterns(resnet: nn.Module) -> None:
