@@ -15,6 +15,7 @@ import argparse
 import atexit
 import csv
 import logging
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -190,7 +191,9 @@ class ReportCallback(Callback):
 
     Hydra skips ``on_multirun_end`` when a job failed (the sweeper re-raises the job's error
     first), so ``on_multirun_start`` also registers the report to be written at exit: a sweep
-    with failed jobs still gets its report, listing them as missing, before Hydra exits 1.
+    with failed jobs still gets its report, listing them as missing, before Hydra exits 1. A
+    sweep that launched no job (its command line did not compose) gets none, and the sweep dir
+    Hydra made for it, holding only ``multirun.yaml``, is removed.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -200,6 +203,10 @@ class ReportCallback(Callback):
         atexit.unregister(self.on_multirun_end)
         try:
             sweep = Path(config.hydra.sweep.dir)
+            if not any(sweep.glob("*/.hydra")):  # no job started
+                if sweep.is_dir() and {p.name for p in sweep.iterdir()} <= {"multirun.yaml"}:
+                    shutil.rmtree(sweep)
+                return
             log.info("report written to %s", write_report([sweep], sweep))
         except Exception as e:  # noqa: BLE001 - a report must not fail the sweep
             log.warning("could not write the report: %s: %s", type(e).__name__, e)

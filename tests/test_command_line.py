@@ -146,7 +146,7 @@ def mistakes(run_apps, hidden_plugins: dict[str, str], tmp_path_factory: pytest.
         "plus_none": ["+prune.sparsity=0.5"],
         "typo": ["prune=global", "prune.sparsty=0.5"],
         "typo_none": ["prune.ramp_epochs=5"],
-        "typo_sweep": ["-m", "quant=asym", "quant.nbts=2,3", sweep],
+        "typo_sweep": ["-m", "quant=asym", "quant.nbts=2,3", f"hydra.sweep.dir={tmp_path_factory.mktemp('typo') / 'sweep'}"],
         "group": ["quant=foo"],
         "oneshot_ramp": ["prune=oneshot", "prune.ramp_epochs=5", "budget=debug"],
     })
@@ -190,3 +190,9 @@ def one_line_error(proc) -> str:  # noqa: ANN001 - a CompletedProcess with run_d
 def test_the_app_says_one_line_with_the_fix(mistakes, case: str, line: str) -> None:
     assert one_line_error(mistakes[case]) == line
     assert "+prune" not in line and "Traceback" not in mistakes[case].stderr
+
+
+def test_a_sweep_whose_command_line_does_not_compose_leaves_no_sweep_dir(mistakes) -> None:
+    args = [str(a) for a in mistakes["typo_sweep"].args]
+    sweep = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")))
+    assert sweep.parent.is_dir() and not sweep.exists()  # no multirun.yaml, no empty report
