@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -225,7 +226,15 @@ def host() -> str:
     except OSError:
         model, flags = platform.processor() or "?", []
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return f"{model} ({', '.join(isa) or 'no AVX2'}), {torch.get_num_threads()} torch thread(s)"
+    return f"{model} ({', '.join(isa) or 'no AVX2'}), {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs"
+
+
+def load() -> str:
+    """The machine's 1-minute load average (other processes share the CPUs: compare ratios)."""
+    try:
+        return f"load average {os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "load average unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{a.repeats} throughput rounds, {a.latency_runs} batch-1 runs, accuracy on {len(y)} test images")
     print(head, flush=True)
     vs = variants(a, calib)
+    before = load()
     measure(vs, x.contiguous(), y, a)
-    result = f"{head}\n\n{table(vs)}\n"
+    result = f"{head}; {before} before the rounds, {load()} after\n\n{table(vs)}\n"
     print(result)
     if a.out:
         a.out.write_text(result)
