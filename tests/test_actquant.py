@@ -156,6 +156,7 @@ def test_onnx_quantizes_the_activations_as_pytorch_does(calibrate_activations: C
         assert torch.equal(model.get_submodule(mid)(torch.from_numpy(before)), torch.from_numpy(after))
 
 
+@pytest.mark.slow  # an end-to-end run of half a minute or more: .ci/run runs it with -m slow
 def test_a_w4a4_run_saves_what_it_computed(run_app, data_root: Path, pretrained: Path) -> None:
     proc = run_app("budget=debug", "quant=asym", "nbits=4", "quant.abits=4")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -101,6 +101,7 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in err, err
 
 
+@pytest.mark.slow  # an end-to-end run of half a minute or more: .ci/run runs it with -m slow
 def test_torchvision_mobilenet_v2_compresses_verifies_and_exports(data_root: Path, tmp_path: Path) -> None:
     proc = app(["model.net._target_=torchvision.models.mobilenet_v2", "model.net.num_classes=10", "model.name=mnv2",
                 "model.pretrained=null", "prune=global", "quant=asym", "nbits=4", "budget=debug"], tmp_path)

@@ -152,8 +152,16 @@ def test_callback(sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture)
     md = (sweep / "full" / "report.md").read_text()
     assert "| 4 | 0.9000 | 0.8973 | +0.27 |" in md
     assert "- Run dirs found under: `.`; paths below are relative to `.`." in md  # no machine's paths
+    empty = tmp_path / "empty"  # a sweep that launched no job (its command line did not compose)
+    empty.mkdir()
+    (empty / "multirun.yaml").write_text("hydra: {}\n")
+    ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))
+    assert not empty.exists()
+    broken = tmp_path / "broken"  # a job ran, but the report cannot be written: a warning, never an error
+    (broken / "job" / ".hydra").mkdir(parents=True)
+    (broken / "report.md").mkdir()
     with caplog.at_level(logging.WARNING):
-        ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "nowhere")}}}))
+        ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(broken)}}}))
     assert "could not write the report" in caplog.text
 
 
@@ -207,6 +215,7 @@ def test_reproduce_keeps_the_published_config_of_a_run_a_later_launch_skipped(tm
     assert (tmp_path / "out" / "nbits=3,quant=asym" / ".hydra" / "config.yaml").read_text() == "rewritten by the relaunch"
 
 
+@pytest.mark.slow  # an end-to-end run of half a minute or more: .ci/run runs it with -m slow
 def test_reproduce_reports_a_failed_table(tmp_path: Path) -> None:
     """Every job of the table fails (a data root without CIFAR-10): the reproduction still writes
     its report, marked incomplete and listing the failed runs, and exits 1. Runs in ``tmp_path``

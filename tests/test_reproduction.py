@@ -255,6 +255,7 @@ def test_verify_does_not_compare_the_accuracy_of_a_run_tested_on_fewer_batches(v
     assert proc.returncode == 1 and "distinct values differ" in proc.stdout and "test acc" not in proc.stdout.split("FAIL: ")[1]
 
 
+@pytest.mark.slow  # an end-to-end run of half a minute or more: .ci/run runs it with -m slow
 def test_verify_compares_a_debug_run_on_the_test_images_it_tested(run_app, data_root: Path, pretrained: Path) -> None:
     """budget=debug tests 2 batches: metrics.json records how many images (the first 2 x 100 here)
     and verify compares the accuracy on exactly those, so a tampered accuracy still fails."""
