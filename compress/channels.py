@@ -50,9 +50,10 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def _fraction(key: str, value: object, hi: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < hi:
-        raise ValueError(f"{key}={value!r} is not allowed: use a number in (0, {hi:g})")
+def _fraction(value: object, key: str) -> float:
+    """``value`` as a fraction in (0, 1); ``ValueError`` naming ``key`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed: use a number in (0, 1)")
     return float(value)
 
 
@@ -85,7 +86,7 @@ class ChannelPruning(Method):
                  epochs: int = 0, layers: Mapping[str, Any] | None = None,
                  masks: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__(epochs, layers)
-        self.ratio = _fraction("prune.ratio", ratio)
+        self.ratio = _fraction(ratio, "prune.ratio")
         if macs_speedup is not None and (isinstance(macs_speedup, bool) or not isinstance(macs_speedup, (int, float))
                                          or macs_speedup <= 1):
             raise ValueError(f"prune.macs_speedup={macs_speedup!r} is not allowed: use a number > 1 (2.0: half the "
@@ -95,7 +96,7 @@ class ChannelPruning(Method):
         if scope not in SCOPES:
             raise ValueError(f"prune.scope={scope!r} is not allowed for prune=channel: use one of {', '.join(SCOPES)}")
         self.macs_speedup, self.importance, self.scope = macs_speedup, importance, scope
-        self.ratio_step = _fraction("prune.ratio_step", ratio_step)
+        self.ratio_step = _fraction(ratio_step, "prune.ratio_step")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"prune.image_size={image_size!r} is not allowed: use a positive integer")
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
@@ -118,11 +119,12 @@ class ChannelPruning(Method):
         _torch_pruning()
         self.own_ratios(model)
 
-    def own_ratios(self, model: nn.Module) -> dict[str, float]:
-        """``layer_ratio`` as ``{selected layer: fraction}``; ``ValueError`` for a name or pattern
-        that matches no selected layer, or a fraction outside (0, 1)."""
-        return check_layer_map("prune.layer_ratio", self.layer_ratio, self.selected(model),
-                               lambda value, key: _fraction(key, value))
+    def own_ratios(self, model: nn.Module, selected: Mapping[str, nn.Module] | None = None) -> dict[str, float]:
+        """``layer_ratio`` as ``{selected layer: fraction}`` (``selected``: the model's selection,
+        if already made); ``ValueError`` for a name or pattern that matches no selected layer, or
+        a fraction outside (0, 1)."""
+        return check_layer_map("prune.layer_ratio", self.layer_ratio,
+                               self.selected(model) if selected is None else selected, _fraction)
 
     def callbacks(self, masks: Mapping[str, torch.Tensor]) -> list[pl.Callback]:
         if masks:
@@ -158,7 +160,7 @@ class ChannelPruning(Method):
         example = self.example().to(device)
         selected = self.selected(model)
         chosen = set(selected.values())
-        own = {selected[n]: r for n, r in self.own_ratios(model).items()}
+        own = {selected[n]: r for n, r in self.own_ratios(model, selected).items()}
         ignored = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in chosen]
         importance = {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
                       "bn": lambda: tp.importance.BNScaleImportance(),
