@@ -18,7 +18,9 @@ Variants (all from one dense model: the published weights ``model=<arch>`` loads
 - channel-pruned networks, fp32 and int8: ``--channel RUN_DIR`` (fine-tuned, e.g. the published
   ``experiment=channel`` run; repeatable) and ``--macs 2,4`` (pruned here from the dense model
   with ``prune=channel``'s defaults or ``--scope``, ``--importance`` and ``--round-to N``: channel
-  counts a multiple of N), *not* fine-tuned: their accuracy is not a result, their speed is).
+  counts a multiple of N) and ``--widths 16,8,8`` (each stage's blocks keep that many inner
+  channels, as ``experiment=channel_kernels``), *not* fine-tuned: their accuracy is not a
+  result, their speed is).
 
 Every engine runs on one thread (``torch.set_num_threads(1)``, ``intra_op_num_threads=1``,
 otherwise default session options, as a user loads a file). Throughput: batches of 256, the
@@ -130,6 +132,32 @@ def channel_pruned(dense: nn.Module, speedup: float, round_to: int | None, scope
     return model.eval()
 
 
+def width_pruned(dense: nn.Module, widths: tuple[int, ...]) -> nn.Module:
+    """``dense`` with every residual block of stage ``i`` keeping ``widths[i]`` inner channels
+    (``prune=channel`` with ``layer_ratio``), not fine-tuned."""
+    model = copy.deepcopy(dense)
+    full = [getattr(model, f"layer{i + 1}")[0].conv1.out_channels for i in range(len(widths))]
+    if any(w > f for w, f in zip(widths, full)):
+        raise ValueError(f"--widths {','.join(map(str, widths))} is not allowed: the stages have "
+                         f"{','.join(map(str, full))} inner channels, keep at most that many")
+    ratios = {rf"re:layer{i + 1}\.\d+\.conv1": 1 - w / f for i, (w, f) in enumerate(zip(widths, full)) if w < f}
+    if ratios:
+        ChannelPruning(macs_speedup=None, layer_ratio=ratios, layers={"include": list(ratios)}).prune(model)
+    return model.eval()
+
+
+def stage_widths(text: str) -> tuple[int, ...]:
+    """``--widths``: three positive channel counts, e.g. ``16,8,8``."""
+    try:
+        widths = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"--widths {text!r} is not allowed: use three positive channel counts, "
+                                         "one per stage, e.g. 16,8,8")
+    return widths
+
+
 def checkpoint_of(model: nn.Module) -> Checkpoint:
     return Checkpoint(model.state_dict(), {}, {"resized": True})
 
@@ -170,6 +198,10 @@ def variants(a: argparse.Namespace, calib: torch.Tensor) -> list[Variant]:
         model = channel_pruned(dense, speedup, a.round_to, a.scope, a.importance)
         pruned.append((f"channel {macs / count_macs(model, example)[0]:.2f}x", checkpoint_of(model), model,
                        "not fine-tuned"))
+    for widths in a.widths:
+        model = width_pruned(dense, widths)
+        pruned.append((f"widths {','.join(map(str, widths))} {macs / count_macs(model, example)[0]:.2f}x",
+                       checkpoint_of(model), model, "not fine-tuned"))
     for name, ckpt, model, note in pruned:
         m = count_macs(model, example)[0]
         out.append(Variant(f"PyTorch eager fp32, {name}", torch_runner(model), macs=m, note=note))
@@ -249,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scope", default="local", choices=SCOPES, help="prune.scope of the --macs variants (default local)")
     p.add_argument("--importance", default="l1", choices=IMPORTANCES,
                    help="prune.importance of the --macs variants (default l1)")
+    p.add_argument("--widths", action="append", default=[], type=stage_widths,
+                   help="inner channels each stage's blocks keep, e.g. 16,8,8 (not fine-tuned; repeatable)")
     p.add_argument("--ort-reduce-range", action="store_true", help="also onnxruntime's reduce_range=True variant")
     p.add_argument("--repeats", type=int, default=5, help="throughput rounds (default 5)")
     p.add_argument("--latency-runs", type=int, default=200, help="batch-1 runs per variant (default 200)")
@@ -263,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"{a.arch}, {host()}; torch {torch.__version__}, onnxruntime {ort.__version__}; "
             f"{a.repeats} throughput rounds, {a.latency_runs} batch-1 runs, accuracy on {len(y)} test images")
     print(head, flush=True)
-    vs = variants(a, calib)
+    try:
+        vs = variants(a, calib)
+    except ValueError as e:
+        p.error(str(e))
     before = load()
     measure(vs, x.contiguous(), y, a)
     result = f"{head}; {before} before the rounds, {load()} after\n\n{table(vs)}\n"
